@@ -1,0 +1,81 @@
+"""The default job: a few-million-parameter model on the bundled five-domain mixture.
+
+    python -m loam.train --config loam/configs/default.py --workdir runs/default
+    python -m loam.train --config loam/configs/default.py:size=small,steps=5000 --workdir ...
+    python -m loam.train --config loam/configs/default.py --config.steps=200 --workdir ...
+
+The argument after ':' is a comma-separated list of key=value pairs (big_vision style);
+`runlocal` shrinks everything for a smoke test.
+"""
+
+import ml_collections
+
+from loam.data.corpora import DOMAIN_NAMES
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'size=mini,steps=200,runlocal' -> ConfigDict with typed values (from the defaults)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("", "1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, size="mini", steps=1200, seq_len=256, batch_size=16, runlocal=False)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = a.steps
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = a.size
+    c.model.remat = False
+    c.model.tied_embeddings = False
+    c.model.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.domains = list(DOMAIN_NAMES)
+    c.data.objective = "causal"
+    # Per-domain weights, or a recipe: "proportional", "uniform", "temperature:T".
+    c.data.weights = "uniform"
+    c.data.seq_len = a.seq_len
+    c.data.batch_size = a.batch_size
+    c.data.dir = ""  # empty: $LOAM_DATA_DIR or the bundled corpora
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.schedule = "cosine"  # cosine | wsd | constant
+    c.optim.warmup_steps = 100
+    c.optim.final_lr_fraction = 0.1
+    c.optim.decay_fraction = 0.2  # wsd: length of the final decay
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.clip_norm = 1.0
+    c.optim.z_loss = 1e-4
+    c.optim.accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.log_every = 10
+    c.eval_every = 400
+    c.eval_tokens = 32768  # per domain; the held-out set is fixed by the config, not by time
+    c.eval_batch_size = 16
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+
+    if a.runlocal:
+        c.steps = 20
+        c.model.size = "nano"
+        c.data.seq_len, c.data.batch_size = 64, 8
+        c.optim.warmup_steps = 5
+        c.eval_every = c.checkpoint_every = 10
+        c.eval_tokens = 2048
+    return c

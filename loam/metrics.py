@@ -1,0 +1,94 @@
+"""Metrics to `metrics.jsonl` and to TensorBoard event files, without importing TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    """{"loss": {"code": 1.0}} -> {"loss/code": 1.0}: the tag form TensorBoard shows."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricWriter:
+    """Appends one JSON line per record and mirrors every scalar into TensorBoard.
+
+    `subdir` separates event files (e.g. "eval") so that TensorBoard shows them as runs.
+    """
+
+    def __init__(self, workdir: str | Path, subdir: str = "train", jsonl: str = "metrics.jsonl",
+                 enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / jsonl, "a", buffering=1)
+        self._tb = EventFileWriter(str(self.workdir / "tensorboard" / subdir))
+
+    def write(self, step: int, record: dict):
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(_json_safe({"step": int(step), **record})) + "\n")
+        wall = time.time()
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v)
+                  for k, v in flatten(record).items()]
+        self._tb.add_event(event_pb2.Event(wall_time=wall, step=int(step),
+                                           summary=summary_pb2.Summary(value=values)))
+
+    def flush(self):
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """One status line with rate and ETA, redrawn in place on a terminal, plain lines elsewhere."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 10):
+        self.total, self.start, self.every = total, start, every
+        self.t0 = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, text: str):
+        done = step - self.start
+        if not self.tty and step % self.every and step != self.total:
+            return
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        line = (f"step {step}/{self.total} {100 * step / max(self.total, 1):5.1f}% | {text} | "
+                f"elapsed {elapsed:6.0f}s eta {eta:6.0f}s")
+        if self.tty:
+            sys.stdout.write("\r" + line[:160].ljust(160))
+            if step == self.total:
+                sys.stdout.write("\n")
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
