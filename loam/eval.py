@@ -116,9 +116,8 @@ def format_table(record: dict) -> str:
     return f"eval at step {record['eval_step']}\n" + "\n".join(rows)
 
 
-def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
-                     all_steps: bool = False) -> list[dict]:
-    """Evaluates checkpoints of a run directory (default: the newest)."""
+def open_run(workdir: str | Path) -> dict:
+    """A run directory's config, model, mesh and checkpointer, ready to restore any step."""
     import ml_collections
 
     from loam import train as train_lib
@@ -137,11 +136,31 @@ def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
     optimizer = step_lib.make_optimizer(train_lib.lr_schedule(config), config.optim.weight_decay)
     state, shardings = step_lib.init_state(model, optimizer, jax.random.PRNGKey(0), mesh,
                                            config.data.seq_len, config.data.batch_size)
-    abstract = ckpt_lib.abstract_like(state, shardings)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-    available = checkpointer.steps()
-    if not available:
+    if not checkpointer.steps():
         raise FileNotFoundError(f"no checkpoints in {workdir / 'checkpoints'}")
+    return {"workdir": workdir, "config": config, "model": model, "mesh": mesh,
+            "checkpointer": checkpointer, "abstract": ckpt_lib.abstract_like(state, shardings)}
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> dict:
+    """open_run plus the parameters of `step` (default: the newest checkpoint)."""
+    run = open_run(workdir)
+    available = run["checkpointer"].steps()
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise ValueError(f"no checkpoint for step {step} in {run['workdir']}; available: "
+                         f"{available}")
+    state, _ = run["checkpointer"].restore(step, run["abstract"])
+    return dict(run, params=state.params, step=step)
+
+
+def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
+                     all_steps: bool = False) -> list[dict]:
+    """Evaluates checkpoints of a run directory (default: the newest)."""
+    run = open_run(workdir)
+    checkpointer = run["checkpointer"]
+    available = checkpointer.steps()
     if all_steps:
         wanted = available
     elif steps:
@@ -151,13 +170,13 @@ def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
         wanted = steps
     else:
         wanted = [available[-1]]
-    evaluator = Evaluator(model, mesh, config)
-    writer = metrics_lib.MetricWriter(workdir, "eval", jsonl="eval.jsonl",
+    evaluator = Evaluator(run["model"], run["mesh"], run["config"])
+    writer = metrics_lib.MetricWriter(run["workdir"], "eval", jsonl="eval.jsonl",
                                       enabled=jax.process_index() == 0)
     records = []
     try:
         for s in wanted:
-            restored, _ = checkpointer.restore(s, abstract)
+            restored, _ = checkpointer.restore(s, run["abstract"])
             records.append(evaluator.run(restored.params, s, writer))
             print(format_table(records[-1]), flush=True)
     finally:
