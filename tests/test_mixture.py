@@ -341,6 +341,10 @@ def test_schedule_object_interface():
     s = _stream(weights=Stages(DOMAINS), batch_size=4)
     assert set(s.batch(3)["domain_ids"][:, 0].tolist()) == {0}
     assert set(s.batch(25)["domain_ids"][:, 0].tolist()) == {2}
+    # A schedule over the domains in another order (or a subset) is matched by name.
+    s2 = _stream(weights=mixture.constant({"code": 1.0, "literature": 3.0}), batch_size=4)
+    np.testing.assert_allclose(s2.weights_at(0), [0.75, 0, 0.25, 0, 0])
+    assert s2.rows_consumed(10).tolist() == [30, 0, 10, 0, 0]
 
 
 # ----------------------------------------------------------------------------- eval

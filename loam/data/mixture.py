@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -145,6 +146,9 @@ def validate_weights(weights, domains: Sequence[str]) -> np.ndarray:
         if w.size != len(domains):
             raise ValueError(f"got {w.size} mixture weights for {len(domains)} domains "
                              f"{domains}; give one weight per domain or a dict")
+    total = float(w.sum())
+    if total > 0 and math.isfinite(total) and float(w.min()) >= 0:  # the common, valid case
+        return w / total
     if np.any(np.isnan(w)) or np.any(np.isinf(w)):
         raise ValueError(f"mixture weights contain NaN or infinity ({w.tolist()}); give finite "
                          "weights")
@@ -249,19 +253,21 @@ def schedule_from_config(config) -> MixtureSchedule:
     return as_schedule(w, domains)
 
 
-def allocate_rows(deficit: np.ndarray, rows: int) -> np.ndarray:
+def allocate_rows(deficit: Sequence[float], rows: int) -> list[int]:
     """Integer rows per domain (summing to ``rows``) that best close the running deficit:
-    floors of the positive deficits, then the largest remainders (ties to the lower index)."""
-    n = np.floor(np.maximum(deficit, 0.0) + 1e-9).astype(np.int64)
-    if n.sum() > rows:  # some domain is over-served after a schedule change: one row at a time
-        n = np.zeros_like(n)
+    floors of the positive deficits, then the largest remainders (ties to the lower index).
+    Plain Python on a handful of numbers: it runs once per step, sequentially from step 0."""
+    n = [int(math.floor(max(d, 0.0) + 1e-9)) for d in deficit]
+    total = sum(n)
+    if total > rows:  # some domain is over-served after a schedule change: one row at a time
+        n = [0] * len(n)
         for _ in range(rows):
-            n[int(np.argmax(deficit - n))] += 1
+            gaps = [d - k for d, k in zip(deficit, n)]
+            n[gaps.index(max(gaps))] += 1
         return n
-    extra = rows - int(n.sum())
-    if extra:
-        order = np.argsort(-(deficit - n), kind="stable")
-        n[order[:extra]] += 1
+    order = sorted(range(len(n)), key=lambda i: -(deficit[i] - n[i]))  # stable
+    for i in order[:rows - total]:
+        n[i] += 1
     return n
 
 
@@ -436,6 +442,11 @@ class MixtureStream:
                              "processes; make the global batch a multiple of the process count")
         self.objective = obj_lib.get_objective(objective)
         self.schedule = as_schedule(weights_schedule, self.names)
+        named = getattr(self.schedule, "domains", None)
+        if named is not None and list(named) != self.names:  # same weights, the stream's order
+            inner = self.schedule
+            self.schedule = CallableSchedule(
+                lambda t: dict(zip(inner.domains, inner.weights_at(t))), self.names)
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.max_input_len = self.objective.max_input_len(self.seq_len)
@@ -445,8 +456,9 @@ class MixtureStream:
         self.weights_at(0)  # validate now, not at the first batch
         # Memoised allocation: _consumed[t] = rows per domain consumed before step t.
         D = len(self.data)
-        self._consumed = [np.zeros(D, np.int64)]
-        self._target = np.zeros(D, np.float64)
+        self._consumed = np.zeros((1024, D), np.int64)
+        self._num_alloc = 1
+        self._target = [0.0] * D  # B * sum of weights over the allocated steps
         # Per domain: rows and tokens of each packed epoch so far (small), packings (LRU).
         self._epoch_rows = [[] for _ in range(D)]
         self._epoch_tokens = [[] for _ in range(D)]
@@ -456,18 +468,37 @@ class MixtureStream:
     # -- weights and the data position (integers only, no data touched)
 
     def weights_at(self, step: int) -> np.ndarray:
-        return validate_weights(self.schedule.weights_at(int(step)), self.names)
+        w = self.schedule.weights_at(int(step))
+        if isinstance(self.schedule, (ConstantSchedule, CallableSchedule)):
+            return w  # validated by the schedule
+        return validate_weights(w, self.names)
 
     def rows_consumed(self, step: int) -> np.ndarray:
         """Rows each domain has contributed before ``step`` (global batch)."""
+        step = int(step)
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
-        while len(self._consumed) <= step:
-            s = len(self._consumed) - 1
-            self._target = self._target + self.batch_size * self.weights_at(s)
-            n = allocate_rows(self._target - self._consumed[-1], self.batch_size)
-            self._consumed.append(self._consumed[-1] + n)
+        if step >= self._num_alloc:
+            self._extend_allocation(step)
         return self._consumed[step].copy()
+
+    def _extend_allocation(self, step: int) -> None:
+        if step >= self._consumed.shape[0]:
+            grown = np.zeros((max(2 * self._consumed.shape[0], step + 1), len(self.data)),
+                             np.int64)
+            grown[:self._num_alloc] = self._consumed[:self._num_alloc]
+            self._consumed = grown
+        constant = isinstance(self.schedule, ConstantSchedule)
+        weights = self.schedule.weights.tolist() if constant else None
+        cons = self._consumed[self._num_alloc - 1].tolist()
+        target, B = self._target, self.batch_size
+        for s in range(self._num_alloc - 1, step):
+            w = weights if constant else self.weights_at(s).tolist()
+            target = [t + B * x for t, x in zip(target, w)]
+            n = allocate_rows([t - c for t, c in zip(target, cons)], B)
+            cons = [c + k for c, k in zip(cons, n)]
+            self._consumed[s + 1] = cons
+        self._target, self._num_alloc = target, step + 1
 
     def rows_at(self, step: int) -> np.ndarray:
         return self.rows_consumed(step + 1) - self.rows_consumed(step)
@@ -563,13 +594,13 @@ class MixtureStream:
         total = int(rows.sum()) * self.seq_len
         return {"domains": list(self.names), "rows": rows.tolist(), "tokens": tokens.tolist(),
                 "epochs": epochs.tolist(),
-                "padding_fraction": 1.0 - tokens.sum() / total if total else 0.0}
+                "padding_fraction": float(1.0 - tokens.sum() / total) if total else 0.0}
 
     def epoch_stats(self, k: int = 0, epoch: int = 0) -> dict:
         """Rows, tokens and padding fraction of one packed epoch of domain k."""
         p = self.packing(k, epoch)
         return {"rows": p.num_rows, "tokens": int(p.row_tokens.sum()),
-                "padding_fraction": 1.0 - p.row_tokens.sum() / (p.num_rows * self.seq_len)}
+                "padding_fraction": float(1.0 - p.row_tokens.sum() / (p.num_rows * self.seq_len))}
 
 
 # ----------------------------------------------------------------------------- evaluation
