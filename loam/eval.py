@@ -21,7 +21,7 @@ import numpy as np
 from loam import checkpoint as ckpt_lib
 from loam import metrics as metrics_lib
 from loam import step as step_lib
-from loam.data import mixture, objectives, tokenized
+from loam.data import corpora, mixture, objectives, tokenized
 from loam.model import sharding
 
 LN2 = math.log(2.0)
@@ -53,7 +53,7 @@ class Evaluator:
         self.config = config
         self.mesh = mesh
         self.domains = list(config.data.domains)
-        self.eval_step = step_lib.make_eval_step(model, mesh, len(self.domains))
+        self.eval_step = step_lib.make_eval_step(model, mesh, len(corpora.DOMAIN_NAMES))
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._sets = None
         self._vocab_size = model.cfg.vocab_size
@@ -73,8 +73,7 @@ class Evaluator:
             for b in es.batches:
                 batch = {k: jax.device_put(np.asarray(v), self.batch_sharding)
                          for k, v in b.items()}
-                sums, _ = jax.device_get(self.eval_step(params, batch))
-                loss_sum += float(np.sum(sums))
+                loss_sum += float(jax.device_get(self.eval_step(params, batch))["loss_sum"])
             loss = loss_sum / max(es.tokens, 1.0)
             per_domain[es.domain] = {
                 "loss": loss, "bits_per_byte": loss_sum / LN2 / max(es.bytes, 1),
@@ -103,6 +102,11 @@ class Evaluator:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step_{step}.json").write_text(json.dumps(record, indent=2))
         return record
+
+
+def quiet_orbax():
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def format_table(record: dict) -> str:
@@ -192,6 +196,7 @@ def main(argv=None):
     g.add_argument("--step", type=int, action="append", help="checkpoint step (repeatable)")
     g.add_argument("--all", action="store_true", help="every checkpoint in the run")
     args = p.parse_args(argv)
+    quiet_orbax()
     try:
         evaluate_workdir(args.workdir, args.step, args.all)
     except (ValueError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ checkpoint and reproduces the uninterrupted run exactly: the batch at step t is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -25,7 +26,7 @@ from loam import eval as eval_lib
 from loam import metrics as metrics_lib
 from loam import perf
 from loam import step as step_lib
-from loam.data import mixture, objectives
+from loam.data import corpora, curriculum, mixture, objectives
 from loam.data import vocab as vocab_lib
 from loam.model import sharding, sizes
 from loam.model.transformer import Transformer
@@ -36,19 +37,20 @@ class TrainingError(RuntimeError):
 
 
 def build_model_config(config, vocab_size: int):
-    return sizes.get_size(config.model.size, vocab_size).replace(
-        remat=config.model.remat, tied_embeddings=config.model.tied_embeddings,
-        dtype=config.model.dtype, max_len=max(config.data.seq_len, 1))
+    return dataclasses.replace(
+        sizes.get_size(config.model.size, vocab_size), remat=config.model.remat,
+        tied_embeddings=config.model.tied_embeddings, dtype=config.model.dtype,
+        max_len=config.data.seq_len)
 
 
 def build_stream(config, process_index: int = 0, process_count: int = 1):
-    schedule = mixture.schedule_from_config(config)
+    schedule = curriculum.schedule_from_config(config)
     return mixture.MixtureStream(
         domains=list(config.data.domains),
         objective=objectives.get_objective(config.data.objective),
         weights_schedule=schedule, seq_len=config.data.seq_len,
         batch_size=config.data.batch_size, seed=config.seed,
-        data_dir=config.data.dir or None,
+        data_dir=config.data.dir or None, scores_dir=config.data.get("scores_dir") or None,
         process_index=process_index, process_count=process_count)
 
 
@@ -96,7 +98,8 @@ def train(config, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     stream = build_stream(config, jax.process_index(), jax.process_count())
     domains = list(config.data.domains)
-    num_domains = len(domains)
+    num_domains = len(corpora.DOMAIN_NAMES)  # batches carry global domain ids
+    domain_ids = [int(i) for i in stream.domain_ids]
 
     schedule = lr_schedule(config)
     o = config.optim
@@ -160,8 +163,8 @@ def train(config, workdir: str | Path) -> dict:
         now = time.time()
         tok_s = window_steps * tokens_per_step / max(now - window_t, 1e-9)
         window_t, window_steps = now, 0
-        per_domain = {d: float(m["domain_loss"][i] / m["domain_tokens"][i])
-                      for i, d in enumerate(domains) if m["domain_tokens"][i] > 0}
+        per_domain = {d: float(m["domain_loss_sum"][i] / m["domain_tokens"][i])
+                      for d, i in zip(domains, domain_ids) if m["domain_tokens"][i] > 0}
         weights = stream.weights_at(step_done)
         stats = stream.stats(step_no)
         record = {
@@ -218,6 +221,7 @@ def train(config, workdir: str | Path) -> dict:
 
 def main(argv=None):
     from absl import app, flags
+    from absl import logging as absl_logging
     from ml_collections import config_flags
 
     flags_ = flags.FLAGS
@@ -233,6 +237,7 @@ def main(argv=None):
                       "auto-detection (TPU VM slices, SLURM).")
 
     def _main(_):
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
         if flags_.coordinator:
             jax.distributed.initialize(flags_.coordinator, flags_.num_processes,
                                        flags_.process_id)

@@ -45,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.seq_len = a.seq_len
     c.data.batch_size = a.batch_size
     c.data.dir = ""  # empty: $LOAM_DATA_DIR or the bundled corpora
+    c.data.scores_dir = ""  # score columns (loam.selection.score); empty: next to the corpora
+    # Curriculum stages (see loam/data/curriculum.py); empty: `weights` for the whole run.
+    c.data.stages = []
+    c.data.interpolate = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3

@@ -17,6 +17,7 @@ The batch at step t is a pure function of (seed, config, t), computed by random 
 from __future__ import annotations
 
 import collections
+import hashlib
 import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
@@ -424,7 +425,7 @@ class MixtureStream:
 
     def __init__(self, domains: Sequence[str], objective, weights_schedule, seq_len: int,
                  batch_size: int, seed: int, data_dir=None, process_index: int = 0,
-                 process_count: int = 1, pack_cache: int = 3):
+                 process_count: int = 1, pack_cache: int = 3, scores_dir=None):
         self.names = list(domains)
         if not self.names:
             raise ValueError("the mixture has no domains; list at least one task or domain")
@@ -449,6 +450,7 @@ class MixtureStream:
                 lambda t: dict(zip(inner.domains, inner.weights_at(t))), self.names)
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.process_index, self.process_count = process_index, process_count
+        self.data_dir, self.scores_dir = data_dir, scores_dir or data_dir
         self.max_input_len = self.objective.max_input_len(self.seq_len)
         self.data = [_DomainData(d, tokenized.load(d, data_dir).train, self.max_input_len)
                      for d in self.domain_names]
@@ -460,8 +462,13 @@ class MixtureStream:
         self._num_alloc = 1
         self._target = [0.0] * D  # B * sum of weights over the allocated steps
         # Per domain: rows and tokens of each packed epoch so far (small), packings (LRU).
-        self._epoch_rows = [[] for _ in range(D)]
-        self._epoch_tokens = [[] for _ in range(D)]
+        self._epoch_rows: dict = {}
+        self._epoch_tokens: dict = {}
+        self._view_base: dict = {}
+        for k in range(D):  # score columns and quantile ranges are checked now, not mid-run
+            for v in self._sources(k):
+                if v is not None:
+                    self._view_chunks(k, v, 0)
         self._packings: collections.OrderedDict = collections.OrderedDict()
         self._pack_cache = max(1, pack_cache) * D
 
@@ -519,43 +526,115 @@ class MixtureStream:
                     "or seed changed since it was saved. Restore the original config to resume "
                     "exactly, or train into a new workdir")
 
-    # -- packings
+    # -- packings (one source per domain and view: a view orders or filters the documents)
 
-    def packing(self, k: int, epoch: int) -> Packing:
-        key = (k, epoch)
+    def _view(self, step: int, k: int):
+        view_at = getattr(self.schedule, "view_at", None)
+        v = view_at(step, k) if view_at else None
+        return None if v is None or v.is_default else v
+
+    def _source_rows_before(self, step: int, k: int, v) -> int:
+        """Rows that domain k's source `v` contributed before ``step``."""
+        intervals = getattr(self.schedule, "view_intervals", None)
+        if intervals is None:
+            return int(self.rows_consumed(step)[k])
+        total = 0
+        for a, b, view in intervals(k):
+            view = None if view.is_default else view
+            if view != v or a >= step:
+                continue
+            end = step if b is None else min(b, step)
+            total += int(self.rows_consumed(end)[k] - self.rows_consumed(a)[k])
+        return total
+
+    def _sources(self, k: int) -> list:
+        intervals = getattr(self.schedule, "view_intervals", None)
+        if intervals is None:
+            return [None]
+        return list(dict.fromkeys(None if v.is_default else v for _, _, v in intervals(k)))
+
+    def _view_chunks(self, k: int, v, epoch: int) -> np.ndarray:
+        """Chunk order of one epoch of a view: sorted by its column, or a seeded shuffle of the
+        kept chunks."""
+        from loam.selection import columns as columns_lib
+
+        dd = self.data[k]
+        base = self._view_base.get((k, v))
+        if base is None:
+            ids = np.arange(dd.num_chunks)
+            if v.keep_column:
+                col = columns_lib.load_column(dd.name, v.keep_column, self.scores_dir,
+                                              self.data_dir)
+                docs = np.asarray(dd.split.doc_index)
+                score = col[docs]
+                finite = np.isfinite(score)
+                rank = np.empty(docs.shape[0])
+                order = np.argsort(score[finite], kind="stable")
+                r = np.empty(order.shape[0])
+                r[order] = np.arange(order.shape[0]) / max(order.shape[0] - 1, 1)
+                rank[:] = -1.0
+                rank[finite] = r
+                lo, hi = v.keep_range
+                kept = docs[finite & (rank >= lo) & (rank <= hi)]
+                ids = ids[np.isin(dd.chunk_doc, kept)]
+                if ids.size == 0:
+                    raise ValueError(
+                        f"keeping {v.keep_column} quantiles {list(v.keep_range)} of domain "
+                        f"{dd.name!r} keeps no documents; widen the range")
+            if v.order_column:
+                col = columns_lib.load_column(dd.name, v.order_column, self.scores_dir,
+                                              self.data_dir)
+                score = col[dd.chunk_doc[ids]].astype(np.float64)
+                score = np.where(np.isfinite(score), score, np.inf)  # unscored last
+                ids = ids[np.argsort(score if v.ascending else -score, kind="stable")]
+            base = self._view_base[(k, v)] = ids
+        if v.order_column:
+            return base  # the same order every epoch
+        salt = int.from_bytes(hashlib.sha256(v.describe().encode()).digest()[:4], "little")
+        key = int(obj_lib.derive_seeds(self.seed, dd.domain_id, epoch, salt))
+        return base[np.random.Generator(np.random.Philox(key=key)).permutation(base.shape[0])]
+
+    def packing(self, k: int, epoch: int, v=None) -> Packing:
+        key = (k, v, epoch)
         if key in self._packings:
             self._packings.move_to_end(key)
             return self._packings[key]
-        p = self.data[k].pack(self.objective, self.seq_len, self.seed, epoch)
+        chunks = None if v is None else self._view_chunks(k, v, epoch)
+        p = self.data[k].pack(self.objective, self.seq_len, self.seed, epoch, chunks=chunks)
         self._packings[key] = p
         if len(self._packings) > self._pack_cache:
             self._packings.popitem(last=False)
         return p
 
-    def _ensure_epochs(self, k: int, rows: int) -> None:
-        """Pack domain k's epochs until they hold at least ``rows`` rows."""
-        while sum(self._epoch_rows[k]) < rows:
-            p = self.packing(k, len(self._epoch_rows[k]))
-            self._epoch_rows[k].append(p.num_rows)
-            self._epoch_tokens[k].append(int(p.row_tokens.sum()))
+    def _ensure_epochs(self, k: int, rows: int, v=None) -> None:
+        """Pack epochs of domain k's source v until they hold at least ``rows`` rows."""
+        er = self._epoch_rows.setdefault((k, v), [])
+        et = self._epoch_tokens.setdefault((k, v), [])
+        while sum(er) < rows:
+            p = self.packing(k, len(er), v)
+            er.append(p.num_rows)
+            et.append(int(p.row_tokens.sum()))
 
-    def _locate(self, k: int, row: int) -> tuple[int, int]:
-        """(epoch, row within the epoch) of domain k's global row index."""
-        self._ensure_epochs(k, row + 1)
-        ends = np.cumsum(self._epoch_rows[k])
+    def _locate(self, k: int, row: int, v=None) -> tuple[int, int]:
+        """(epoch, row within the epoch) of a row index of domain k's source v."""
+        self._ensure_epochs(k, row + 1, v)
+        er = self._epoch_rows[(k, v)]
+        ends = np.cumsum(er)
         epoch = int(np.searchsorted(ends, row, side="right"))
-        return epoch, row - int(ends[epoch] - self._epoch_rows[k][epoch])
+        return epoch, row - int(ends[epoch] - er[epoch])
 
     # -- batches
 
     def _row_specs(self, step: int, lo: int, hi: int):
-        before, counts = self.rows_consumed(step), self.rows_at(step)
+        counts = self.rows_at(step)
         starts = np.cumsum(counts) - counts
         specs = []
         for i in range(lo, hi):
             k = int(np.searchsorted(starts + counts, i, side="right"))
-            epoch, r = self._locate(k, int(before[k] + i - starts[k]))
-            p = self.packing(k, epoch)
+            v = self._view(step, k)
+            before = self._source_rows_before(step, k, v)
+            epoch, r = self._locate(k, int(before + i - starts[k]), v)
+            p = self.packing(k, epoch, v)
             specs.append((self.data[k], p.order[p.row_ptr[r]:p.row_ptr[r + 1]], p.seeds))
         return specs
 
@@ -580,17 +659,20 @@ class MixtureStream:
 
     def stats(self, step: int) -> dict:
         """Per-domain consumption before ``step`` (global batch, in the order of ``domains``):
-        rows, tokens (non-padding positions), epochs (fractional), and the padding fraction."""
+        rows, tokens (non-padding positions), epochs (tokens over the domain's training tokens)
+        and the padding fraction."""
         rows = self.rows_consumed(step)
-        tokens, epochs = np.zeros(len(self.data), np.int64), np.zeros(len(self.data))
-        for k, n in enumerate(rows.tolist()):
-            if n == 0:
-                continue
-            epoch, r = self._locate(k, n - 1)
-            r += 1  # rows consumed within that epoch
-            p = self.packing(k, epoch)
-            tokens[k] = sum(self._epoch_tokens[k][:epoch]) + int(p.row_tokens[:r].sum())
-            epochs[k] = epoch + r / p.num_rows
+        tokens = np.zeros(len(self.data), np.int64)
+        for k in range(len(self.data)):
+            for v in self._sources(k):
+                n = self._source_rows_before(step, k, v)
+                if n == 0:
+                    continue
+                epoch, r = self._locate(k, n - 1, v)
+                p = self.packing(k, epoch, v)
+                tokens[k] += (sum(self._epoch_tokens[(k, v)][:epoch])
+                              + int(p.row_tokens[:r + 1].sum()))
+        epochs = tokens / np.array([max(dd.split.num_tokens, 1) for dd in self.data])
         total = int(rows.sum()) * self.seq_len
         return {"domains": list(self.names), "rows": rows.tolist(), "tokens": tokens.tolist(),
                 "epochs": epochs.tolist(),

@@ -100,6 +100,8 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=None, help="model scorer: checkpoint step")
     p.add_argument("--column", default="ref_loss", help="model scorer: column name")
     args = p.parse_args(argv)
+    from loam.eval import quiet_orbax
+    quiet_orbax()
     if args.scorer == "model" and not args.workdir:
         p.error("--scorer model needs --workdir of a trained loam run")
     try:
