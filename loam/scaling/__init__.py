@@ -1,0 +1,22 @@
+"""Scaling laws: Chinchilla approaches 1-3 fitted to a table of runs (python -m loam.scaling.fit)."""
+
+from loam.scaling.laws import (
+    AllocationFit,
+    Approach3Fit,
+    Bootstrap,
+    ChinchillaLaw,
+    PowerLaw,
+    ScalingFitError,
+    bootstrap_chinchilla,
+    fit_chinchilla,
+    fit_envelope,
+    fit_isoflop,
+    group_budgets,
+    initial_grid,
+)
+
+__all__ = [
+    "AllocationFit", "Approach3Fit", "Bootstrap", "ChinchillaLaw", "PowerLaw", "ScalingFitError",
+    "bootstrap_chinchilla", "fit_chinchilla", "fit_envelope", "fit_isoflop", "group_budgets",
+    "initial_grid",
+]
