@@ -22,6 +22,11 @@ from loam.scaling import lbfgs
 
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
+# Stopping rules (gradient max-norm; relative decrease of f per accepted step). The polish values
+# are scipy L-BFGS-B's ftol (factr=1e7 times machine epsilon) with a gradient tolerance scaled to
+# this objective, whose values are ~1e-3.
+_SWEEP_TOL = dict(gtol=1e-7, ftol=1e-7)
+_POLISH_TOL = dict(gtol=1e-10, ftol=2.2e-9)
 
 
 class ScalingFitError(ValueError):
@@ -173,13 +178,13 @@ def fit_chinchilla(N, D, loss, *, grid: np.ndarray | None = None, polish: int = 
   start = time.perf_counter()
   x0 = initial_grid() if grid is None else np.asarray(grid, np.float64).reshape(-1, 5)
   data = (np.log(N), np.log(D), np.log(L), np.ones((1, N.size)))
-  sweep = _run_lbfgs(x0, data, x64=False, max_iter=max_iter, gtol=1e-7, ftol=1e-7)
+  sweep = _run_lbfgs(x0, data, x64=False, max_iter=max_iter, **_SWEEP_TOL)
   order = np.argsort(np.where(np.isfinite(sweep.value), sweep.value, np.inf))[:polish]
   order = order[np.isfinite(sweep.value[order])]
   if order.size == 0:
     raise ScalingFitError("approach 3: every start diverged; check that losses are in nats and "
                           "N, D are raw counts (not logs).")
-  fine = _run_lbfgs(sweep.x[order], data, x64=True, max_iter=polish_iter, gtol=1e-12, ftol=1e-15)
+  fine = _run_lbfgs(sweep.x[order], data, x64=True, max_iter=polish_iter, **_POLISH_TOL)
   value = np.where(fine.converged, fine.value, np.inf)
   converged = bool(np.isfinite(value).any())
   if not converged:
@@ -245,7 +250,7 @@ def bootstrap_chinchilla(N, D, loss, fit: Approach3Fit, *, samples: int = 100, s
   x0 = np.tile(starts, (samples, 1))
   weights = np.repeat(counts, n_starts, axis=0)
   data = (np.log(N), np.log(D), np.log(L), weights)
-  out = _run_lbfgs(x0, data, x64=True, max_iter=max_iter, gtol=1e-12, ftol=1e-15)
+  out = _run_lbfgs(x0, data, x64=True, max_iter=max_iter, **_POLISH_TOL)
   value = np.where(out.converged, out.value, np.inf).reshape(samples, n_starts)
   value = np.where(np.isfinite(value).any(1, keepdims=True), value,
                    np.where(np.isfinite(out.value), out.value, np.inf).reshape(samples, n_starts))
