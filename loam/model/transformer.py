@@ -1,0 +1,226 @@
+"""Decoder-only transformer in flax.linen: RMSNorm, rotary positions, SwiGLU, GQA, scanned layers.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) and the main
+activations carry logical constraints, so ``loam.model.sharding.LOGICAL_RULES`` alone decides how
+the model is laid out on a mesh. Constraints are no-ops unless rules and a mesh are active.
+
+Packed batches: attention is restricted to the same nonzero segment (causal, plus a bidirectional
+prefix where ``prefix == 1``) and rotary angles come from the ``positions`` feature, so an example
+packed after another sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Transformer. Hashable, so it can be a static jit argument."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (multi-head); fewer -> grouped-query
+    head_dim: int | None = None  # None -> d_model // n_heads
+    mlp_dim: int = 1024
+    max_len: int = 1024  # longest sequence the model accepts (rotary has no table to outgrow)
+    tied_embeddings: bool = True
+    remat: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    rope_theta: float = 10_000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
+                                 f"{self.n_heads}; set head_dim explicitly or change n_heads")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
+                             f"{self.n_kv_heads} for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, names)
+
+
+def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.weight_dtype)
+
+
+def _fan_in_init(in_axis, out_axis):
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        scale_D = _param(self, "scale", nn.initializers.ones, (self.cfg.d_model,), ("embed",),
+                         self.cfg)
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rotary(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+    """Rotate channel pairs (i, i + K/2) by position * theta^(-2i/K)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLx1xF = (positions_BxL.astype(jnp.float32)[:, :, None] * freq)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: Array, prefix_BxL: Array) -> Array:
+    """mask_BxQxS: query i sees key j iff same nonzero segment and (j <= i or prefix[j])."""
+    length = segment_ids_BxL.shape[1]
+    idx = jnp.arange(length)
+    causal_QxS = idx[None, :] <= idx[:, None]
+    same_BxQxS = ((segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+                  & (segment_ids_BxL[:, :, None] != 0))
+    visible_BxQxS = causal_QxS[None] | (prefix_BxL[:, None, :] == 1)
+    return same_BxQxS & visible_BxQxS
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array) -> Array:
+        cfg = self.cfg
+        d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        g = h // kvh
+        dt = cfg.compute_dtype
+        wq_DxHxK = _param(self, "query", _fan_in_init(0, (1, 2)), (d, h, k),
+                          ("embed", "heads", "kv"), cfg)
+        wk_DxGxK = _param(self, "key", _fan_in_init(0, (1, 2)), (d, kvh, k),
+                          ("embed", "kv_heads", "kv"), cfg)
+        wv_DxGxK = _param(self, "value", _fan_in_init(0, (1, 2)), (d, kvh, k),
+                          ("embed", "kv_heads", "kv"), cfg)
+        wo_HxKxD = _param(self, "out", _fan_in_init((0, 1), 2), (h, k, d),
+                          ("heads", "kv", "embed"), cfg)
+        x = x_BxLxD.astype(dt)
+        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, wq_DxHxK.astype(dt))
+        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, wk_DxGxK.astype(dt))
+        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, wv_DxGxK.astype(dt))
+        q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
+        k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
+        v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
+        q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta) * (k ** -0.5)
+        k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+
+        b, length = x.shape[:2]
+        q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kvh, g, k)  # R = query heads per kv head
+        scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask_BxQxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_BxLxGxK)
+        out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(b, length, h, k),
+                                ("batch", "length", "heads", "kv"))
+        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, wo_HxKxD.astype(dt))
+
+
+class Mlp(nn.Module):
+    """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        shape, names = (cfg.d_model, cfg.mlp_dim), ("embed", "mlp")
+        w_gate_DxF = _param(self, "gate", _fan_in_init(0, 1), shape, names, cfg)
+        w_up_DxF = _param(self, "up", _fan_in_init(0, 1), shape, names, cfg)
+        w_down_FxD = _param(self, "down", _fan_in_init(0, 1), shape[::-1], names[::-1], cfg)
+        x = x_BxLxD.astype(dt)
+        gate_BxLxF = jnp.einsum("bld,df->blf", x, w_gate_DxF.astype(dt))
+        up_BxLxF = jnp.einsum("bld,df->blf", x, w_up_DxF.astype(dt))
+        h_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+        return jnp.einsum("blf,fd->bld", h_BxLxF, w_down_FxD.astype(dt))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; (carry, None) signature so nn.scan can stack it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array):
+        h = RMSNorm(self.cfg, name="attn_norm")(x_BxLxD)
+        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h, mask_BxQxS, positions_BxL)
+        h = RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD)
+        x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h)
+        return constrain(x_BxLxD, ("batch", "length", "embed")), None
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, inputs_BxL: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, prefix: Array | None = None) -> Array:
+        cfg = self.cfg
+        b, length = inputs_BxL.shape
+        if length > cfg.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={cfg.max_len}; "
+                             "raise ModelConfig.max_len or shorten the batch")
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        if prefix is None:
+            prefix = jnp.zeros((b, length), jnp.int32)
+
+        embedding_VxD = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
+                               (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        # Gather from the whole table (FSDP gathers weights anyway; a sharded gather reshards badly).
+        table_VxD = constrain(embedding_VxD, (None, None))
+        x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.compute_dtype)
+        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
+        mask_BxQxS = attention_mask(segment_ids, prefix)
+
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, mask_BxQxS, positions)
+        x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
+
+        dt = cfg.compute_dtype
+        if cfg.tied_embeddings:
+            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dt))
+        else:
+            unembed_DxV = _param(self, "unembed", _fan_in_init(0, 1),
+                                 (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dt))
+        return constrain(logits_BxLxV, ("batch", "length", "vocab"))

@@ -1,0 +1,254 @@
+"""The compiled train and eval steps: loss, optimizer, schedules, sharded state initialisation.
+
+One jitted function does a whole update on device (gradient accumulation included), with the
+state donated and sharded by the logical rules; it returns per-domain loss sums and token counts
+so the loop can log loss per domain and mixing controllers can read them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from loam.model import sharding as shd
+
+Batch = dict[str, jax.Array]
+MODEL_FEATURES = ("inputs", "segment_ids", "positions", "prefix")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+
+
+# --------------------------------------------------------------------------- schedules, optimizer
+
+SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+
+
+def lr_schedule(kind: str, peak: float, steps: int, warmup: int, final_fraction: float = 0.0,
+                decay_fraction: float = 0.2) -> optax.Schedule:
+    """Learning rate at update t (0-based): linear warmup to ``peak`` over ``warmup`` updates, then
+
+    - "cosine": cosine from peak to final_fraction*peak at ``steps``;
+    - "wsd": constant peak, then linear to final_fraction*peak over the last decay_fraction of
+      ``steps`` (warmup-stable-decay);
+    - "constant": peak.
+    Warmup reaches peak at update warmup-1, so no update runs at learning rate 0.
+    """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+    if steps <= 0 or not 0 <= warmup <= steps:
+        raise ValueError(f"schedule needs steps > 0 and 0 <= warmup <= steps, got steps={steps}, "
+                         f"warmup={warmup}")
+    if not 0.0 <= decay_fraction <= 1.0 or not 0.0 <= final_fraction <= 1.0:
+        raise ValueError("decay_fraction and final_fraction must lie in [0, 1]")
+    final = final_fraction * peak
+    decay_steps = max(1, int(round(decay_fraction * steps)))
+    decay_start = max(warmup, steps - decay_steps)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum(1.0, (t + 1.0) / max(warmup, 1))
+        if kind == "constant":
+            after = jnp.full_like(t, peak)
+        elif kind == "cosine":
+            frac = jnp.clip((t - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+            after = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+        else:
+            frac = jnp.clip((t - decay_start) / max(steps - decay_start, 1), 0.0, 1.0)
+            after = peak + (final - peak) * frac
+        return jnp.where(t < warmup, warm, after)
+
+    return schedule
+
+
+def _decays(path, _) -> bool:
+    """Weight decay applies to matrices, not to norm scales (matched by name: scanned norm
+    scales are 2-D, so ndim alone cannot tell)."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return "scale" not in names and not any(str(n).endswith("norm") for n in names)
+
+
+def make_optimizer(lr_schedule: optax.Schedule, weight_decay: float = 0.1, b1: float = 0.9,
+                   b2: float = 0.95, clip_norm: float | None = 1.0,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; the learning rate used is kept in the state for logging."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(
+            weight_decay, mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p)),
+        optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=lr_schedule),
+    )
+
+
+def current_lr(opt_state) -> jax.Array:
+    """Learning rate of the last update made with a make_optimizer() optimizer."""
+    return opt_state[-1].hyperparams["learning_rate"]
+
+
+# --------------------------------------------------------------------------- loss
+
+def _loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float):
+    """Weighted sums (not means), so microbatches add up to the full batch exactly."""
+    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
+                               segment_ids=batch["segment_ids"], positions=batch["positions"],
+                               prefix=batch["prefix"]).astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    nll_BxL = lse_BxL - target_BxL
+    w_BxL = batch["loss_weights"].astype(jnp.float32)
+    domains = batch["domain_ids"].reshape(-1)
+    aux = {
+        "loss_sum": jnp.sum(nll_BxL * w_BxL),
+        "tokens": jnp.sum(w_BxL),
+        "domain_loss_sum": jax.ops.segment_sum((nll_BxL * w_BxL).reshape(-1), domains,
+                                               num_segments=num_domains),
+        "domain_tokens": jax.ops.segment_sum(w_BxL.reshape(-1), domains,
+                                             num_segments=num_domains),
+        "z_loss_sum": jnp.sum(jnp.square(lse_BxL) * w_BxL),
+    }
+    objective = aux["loss_sum"] + z_loss * aux["z_loss_sum"]
+    return objective, aux
+
+
+def loss_fn(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float = 0.0):
+    """(mean token cross-entropy over weighted tokens [+ z-loss], aux sums for per-domain logs)."""
+    objective, aux = _loss_sums(params, model, batch, num_domains, z_loss)
+    return objective / jnp.maximum(aux["tokens"], 1.0), aux
+
+
+# --------------------------------------------------------------------------- steps
+
+def _split_microbatches(batch: Batch, accum_steps: int, mesh: Mesh) -> Batch:
+    """[B, ...] -> [accum, B/accum, ...], microbatch i = rows i, i+accum, ... so each one is
+    spread over the same devices as the full batch."""
+    def split(x):
+        b = x.shape[0]
+        if b % accum_steps:
+            raise ValueError(f"batch size {b} is not divisible by accum_steps={accum_steps}")
+        x = x.reshape((b // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, shd.BATCH_AXES)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map(split, batch)
+
+
+def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh):
+    """Gradient of the summed objective and aux sums, accumulated over microbatches."""
+    grad_fn = jax.grad(lambda p, b: _loss_sums(p, model, b, num_domains, z_loss), has_aux=True)
+    if accum_steps == 1:
+        return grad_fn(params, batch)
+    micro = _split_microbatches(batch, accum_steps, mesh)
+
+    def body(carry, mb):
+        return jax.tree_util.tree_map(jnp.add, carry, grad_fn(params, mb)), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, aux), _ = jax.lax.scan(body, zeros, micro)
+    return grads, aux
+
+
+def _with_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Call (and so trace) fn with the mesh and logical rules active."""
+    def wrapped(*args):
+        with shd.activate(mesh):
+            return fn(*args)
+    wrapped.jitted = fn
+    return wrapped
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    state_shardings: TrainState, num_domains: int, z_loss: float = 0.0,
+                    accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
+    """jit'ed (state, batch) -> (state, metrics); the state argument is donated.
+
+    metrics: loss (mean over weighted tokens, without z-loss), tokens, domain_loss_sum and
+    domain_tokens ([num_domains]), grad_norm (before clipping), lr (of this update).
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps,
+                                mesh)
+        denom = jnp.maximum(aux["tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": aux["loss_sum"] / denom,
+            "tokens": aux["tokens"],
+            "domain_loss_sum": aux["domain_loss_sum"],
+            "domain_tokens": aux["domain_tokens"],
+            "grad_norm": optax.global_norm(grads),
+            "lr": current_lr(opt_state),
+        }
+        if z_loss:
+            metrics["z_loss"] = aux["z_loss_sum"] / denom
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    jitted = jax.jit(train_step,
+                     in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+                     out_shardings=(state_shardings, shd.replicated(mesh)),
+                     donate_argnums=0)
+    return _with_mesh(jitted, mesh)
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, num_domains: int,
+                   param_shardings: Any = None) -> Callable[[Any, Batch], dict]:
+    """jit'ed (params, batch) -> {domain_loss_sum, domain_tokens, loss_sum, tokens}."""
+    def eval_step(params, batch):
+        _, aux = _loss_sums(params, model, batch, num_domains, 0.0)
+        return {k: aux[k] for k in ("domain_loss_sum", "domain_tokens", "loss_sum", "tokens")}
+
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                     out_shardings=shd.replicated(mesh))
+    return _with_mesh(jitted, mesh)
+
+
+def _boxed_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
+    """rng -> TrainState whose params (and optimizer moments) keep their logical-axis boxes."""
+    def boxed_init(rng):
+        # Parameters do not depend on the batch size: a 1-row dummy keeps init small.
+        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+    return boxed_init
+
+
+def _unbox(tree):
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                                  tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   seq_len: int) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStruct tree of the state with shardings, the shardings), allocating nothing:
+    what a checkpoint restore into the sharded layout needs."""
+    boxed = jax.eval_shape(_boxed_init_fn(model, optimizer, seq_len), jax.random.key(0))
+    shardings = shd.logical_shardings(boxed, mesh)
+    shapes = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), _unbox(boxed),
+        shardings)
+    return shapes, shardings
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
+               mesh: Mesh, seq_len: int, batch_size: int) -> tuple[TrainState, TrainState]:
+    """(state, state_shardings), every array created directly in its sharded layout."""
+    del batch_size  # kept in the signature for callers; parameters do not depend on it
+    boxed_init = _boxed_init_fn(model, optimizer, seq_len)
+    _, shardings = abstract_state(model, optimizer, mesh, seq_len)
+    init = jax.jit(lambda r: _unbox(boxed_init(r)), out_shardings=shardings)
+    return init(rng), shardings
