@@ -71,7 +71,9 @@ class Evaluator:
         for i, es in enumerate(self.sets):
             loss_sum = 0.0
             for b in es.batches:
-                batch = {k: jax.device_put(np.asarray(v), self.batch_sharding)
+                # The same host array on every process; each places its own shards.
+                batch = {k: jax.make_array_from_callback(v.shape, self.batch_sharding,
+                                                         lambda idx, v=v: v[idx])
                          for k, v in b.items()}
                 loss_sum += float(jax.device_get(self.eval_step(params, batch))["loss_sum"])
             loss = loss_sum / max(es.tokens, 1.0)
