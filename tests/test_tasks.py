@@ -150,7 +150,7 @@ def test_domain_and_document_survive_packing(tasks):
     vocab = vocab_lib.default_vocabulary()
     texts = {d: _corpus(d) for d in corpora.DOMAIN_NAMES}
     ds = tasks.get_dataset("loam.all.causal", 128, batch_size=8, split="validation")
-    domains_seen = set()
+    domains_seen, encoded = set(), {}
     for batch in ds.take(3).as_numpy_iterator():
         assert set(batch) == set(tasks.BATCH_FEATURES)
         assert all(v.shape == (8, 128) for v in batch.values())
@@ -165,7 +165,9 @@ def test_domain_and_document_survive_packing(tasks):
                 domain, doc = corpora.DOMAIN_NAMES[domain.pop()], doc.pop()
                 domains_seen.add(domain)
                 # The segment is a contiguous piece of that document's tokens.
-                ids = vocab.encode([texts[domain][doc][1]])[0] + [vocab_lib.EOS_ID]
+                if (domain, doc) not in encoded:
+                    encoded[domain, doc] = vocab.encode([texts[domain][doc][1]])[0] + [1]
+                ids = encoded[domain, doc]
                 seg = batch["targets"][r][at].tolist()
                 assert any(ids[i:i + len(seg)] == seg for i in range(0, len(ids), 128))
                 assert batch["positions"][r][at].tolist() == list(range(len(seg)))

@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ class _LoamDomainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     DOMAIN: str = ""
     VERSION = tfds.core.Version(VERSION)
     RELEASE_NOTES = RELEASE_NOTES
+    pkg_dir_path = epath.Path(__file__).parent  # tfds' own lookup fails under `python -m`
 
     def __init__(self, *, corpus_dir: str | os.PathLike | None = None, **kwargs):
         # Resolved at construction so a later change of $LOAM_DATA_DIR cannot mix corpora.
@@ -122,9 +124,12 @@ def _class_name(domain: str) -> str:
 # One registered builder class per domain: LoamLiterature -> "loam_literature", ...
 BUILDERS: dict[str, type[_LoamDomainBuilder]] = {}
 for _domain in corpora.DOMAIN_NAMES:
-    _cls = type(_class_name(_domain), (_LoamDomainBuilder,),
-                {"DOMAIN": _domain, "__module__": __name__,
-                 "__doc__": f"The '{_domain}' corpus as a tfds dataset."})
+    # Under `python -m` this file also runs as __main__; only the importable module registers.
+    _cls = types.new_class(
+        _class_name(_domain), (_LoamDomainBuilder,),
+        {"skip_registration": __name__ == "__main__"},
+        lambda ns, d=_domain: ns.update(
+            DOMAIN=d, __module__=__name__, __doc__=f"The '{d}' corpus as a tfds dataset."))
     globals()[_cls.__name__] = _cls
     BUILDERS[_domain] = _cls
 del _domain, _cls
@@ -182,8 +187,12 @@ def main(argv=None):
                    "~/tensorflow_datasets)")
     p.add_argument("--corpus_dir", default=None, help="corpora (default $LOAM_DATA_DIR or bundled)")
     args = p.parse_args(argv)
+    from loam.data import tfds_builders  # noqa: PLC0415 — the registered classes, not __main__'s
     for domain in args.domains:
-        b = build_domain(domain, args.data_dir, args.corpus_dir)
+        try:
+            b = tfds_builders.build_domain(domain, args.data_dir, args.corpus_dir)
+        except ValueError as e:  # includes CorpusError: one message, non-zero exit
+            raise SystemExit(f"error: {e}") from None
         sizes = {s: b.info.splits[s].num_examples for s in ("train", "validation")}
         print(f"{b.name}:{b.version} {sizes} -> {b.data_path}")
 
