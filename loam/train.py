@@ -70,6 +70,23 @@ def _save_config(config, workdir: Path):
     path.write_text(text)
 
 
+def _check_schedule_edit(saved, stream, start: int, domains) -> dict | None:
+    """Refuses a resume whose schedule differs before `start`; returns the change if the edit
+    only touches the future (it is logged), else None."""
+    new = curriculum.describe(stream.schedule)
+    if saved is None or new is None or saved == new:
+        return None
+    step = curriculum.first_difference(saved, new, start, domains)
+    if step is not None:
+        raise ValueError(
+            f"the edited mixture schedule changes step {step}, before the resume step {start}: "
+            "the past of a run cannot change. Edit only stages that start at or after step "
+            f"{start}, or train into a new workdir")
+    print(f"mixture schedule edited for steps >= {start}:\n  was {saved}\n  now {new}",
+          flush=True)
+    return {"schedule_before": saved, "schedule_after": new}
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -108,12 +125,13 @@ def train(config, workdir: str | Path) -> dict:
     state, shardings = step_lib.init_state(model, optimizer, jax.random.PRNGKey(config.seed),
                                            mesh, config.data.seq_len, config.data.batch_size)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    start = 0
+    start, schedule_change = 0, None
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state, shardings))
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
-        stream.check_state(meta["data"])  # the schedule may not rewrite the past
+        schedule_change = _check_schedule_edit(meta.get("schedule"), stream, start, domains)
+        stream.check_state(meta["data"])  # the data position must be the one this config gives
         print(f"resumed from checkpoint at step {start}", flush=True)
 
     train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, num_domains,
@@ -139,11 +157,25 @@ def train(config, workdir: str | Path) -> dict:
               f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
               f"steps {start}->{config.steps}", flush=True)
 
+    if restored is not None and schedule_change and is_main:
+        writer.write(start, {"event": "schedule_changed", **schedule_change})
     preemption = _Preemption()
-    progress = metrics_lib.Progress(config.steps, start, every=config.log_every)
+    progress = metrics_lib.Progress(config.steps, start, every=max(10, config.log_every))
     last_eval = None
     pending = None  # (step, metrics on device): fetched after the next step is dispatched
     window_t, window_steps = time.time(), 0
+
+    planned_memo = {0: np.zeros(len(domains))}
+
+    def planned_positions(step_no: int) -> np.ndarray:
+        """Token positions each domain should have had before step_no: B·L·Σ_{s<t} w(s)."""
+        last = max(k for k in planned_memo if k <= step_no)
+        acc = planned_memo[last]
+        for s_ in range(last, step_no):
+            acc = acc + tokens_per_step * stream.weights_at(s_)
+        planned_memo.clear()
+        planned_memo[step_no] = acc
+        return acc
 
     def finish(step_done: int, metrics) -> None:
         nonlocal window_t, window_steps
@@ -167,12 +199,15 @@ def train(config, workdir: str | Path) -> dict:
                       for d, i in zip(domains, domain_ids) if m["domain_tokens"][i] > 0}
         weights = stream.weights_at(step_done)
         stats = stream.stats(step_no)
+        planned = planned_positions(step_no)
         record = {
             "loss": loss, "loss_per_domain": per_domain, "lr": float(m["lr"]),
             "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
             "mfu": flops_per_token * tok_s / peak,
             "mixture_weights": {d: float(w) for d, w in zip(domains, weights)},
             "tokens_consumed": {d: int(t) for d, t in zip(domains, stats["tokens"])},
+            "tokens_planned": {d: float(t) for d, t in zip(domains, planned)},
+            "rows_consumed": {d: int(r) for d, r in zip(domains, stats["rows"])},
             "epochs_consumed": {d: float(e) for d, e in zip(domains, stats["epochs"])},
         }
         writer.write(step_no, record)
@@ -180,7 +215,9 @@ def train(config, workdir: str | Path) -> dict:
 
     def save(step_no: int, force: bool = False):
         checkpointer.save(step_no, state, {"step": step_no, "data": stream.state_dict(step_no),
-                                           "seed": int(config.seed)}, force=force)
+                                           "seed": int(config.seed),
+                                           "schedule": curriculum.describe(stream.schedule)},
+                          force=force)
 
     try:
         step = start

@@ -135,9 +135,12 @@ def _stage_weights(weights, config, domains, stage: str) -> np.ndarray:
                                   f"the mixture's domains are {domains}")
         weights = {d: float(weights.get(d, 0.0)) for d in domains}
         weights = [weights[d] for d in domains]
-    sub = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
-        else config
-    sub.data.weights = weights
+    import ml_collections
+
+    data = config.data
+    sub = ml_collections.ConfigDict({"steps": int(config.steps), "data": {
+        "domains": list(domains), "weights": weights, "dir": data.get("dir", ""),
+        "batch_size": int(data.batch_size), "seq_len": int(data.seq_len)}})
     try:
         return mixture.schedule_from_config(sub).weights_at(0)
     except ValueError as e:
@@ -231,30 +234,35 @@ def schedule_from_config(config) -> mixture.MixtureSchedule:
     return StagedSchedule(stages, domains, bool(data.get("interpolate", False)))
 
 
-def first_difference(old: Sequence[dict], new: mixture.MixtureSchedule, upto: int,
-                     domains) -> int | None:
-    """The first step before `upto` where a saved stage list and the new schedule disagree."""
-    class _Cfg:  # rebuild the saved schedule from its JSON form
-        pass
-    old_stages = [Stage(s["name"], int(s["start"]),
+def describe(schedule) -> dict | None:
+    """JSON form of a schedule, saved with checkpoints to detect edits of the past on resume."""
+    if isinstance(schedule, StagedSchedule):
+        return {"interpolate": schedule.interpolate, "stages": schedule.to_json()}
+    if isinstance(schedule, mixture.ConstantSchedule):
+        stage = Stage("constant", 0, np.asarray(schedule.weights, np.float64),
+                      tuple(DEFAULT_VIEW for _ in schedule.domains))
+        return {"interpolate": False, "stages": [stage.to_json(schedule.domains)]}
+    return None  # an arbitrary callable: the saved data position still guards the past
+
+
+def first_difference(old: dict, new: dict, upto: int, domains) -> int | None:
+    """The first step before `upto` at which two described schedules differ, or None."""
+    def build(desc):
+        stages = [Stage(s["name"], int(s["start"]),
                         np.array([s["weights"].get(d, 0.0) for d in domains], np.float64),
-                        tuple(DEFAULT_VIEW for _ in domains)) for s in old]
-    old_sched = StagedSchedule(old_stages, domains,
-                               getattr(new, "interpolate", False))
-    old_views = {(s["name"], s["start"]): s.get("views", {}) for s in old}
-    boundaries = sorted({0, *[s.start for s in old_stages],
-                         *[s.start for s in getattr(new, "stages", [])]})
-    for step in range(upto):
-        if step not in boundaries and not getattr(new, "interpolate", False):
-            continue
-        if not np.allclose(old_sched.weights_at(step), new.weights_at(step), atol=1e-9):
+                        tuple(DEFAULT_VIEW for _ in domains)) for s in desc["stages"]]
+        return StagedSchedule(stages, domains, desc["interpolate"]), desc["stages"]
+
+    (a, a_raw), (b, b_raw) = build(old), build(new)
+    if a.interpolate or b.interpolate:
+        candidates = range(upto)
+    else:
+        candidates = sorted({0, *a.starts.tolist(), *b.starts.tolist()})
+    for step in candidates:
+        if step >= upto:
+            break
+        if not np.allclose(a.weights_at(step), b.weights_at(step), atol=1e-9):
             return step
-        i_old = old_sched.stage_index(step)
-        saved_views = old_views[(old[i_old]["name"], int(old[i_old]["start"]))]
-        new_views = {}
-        if isinstance(new, StagedSchedule):
-            st = new.stages[new.stage_index(step)]
-            new_views = {d: v.describe() for d, v in zip(domains, st.views) if not v.is_default}
-        if saved_views != new_views:
+        if a_raw[a.stage_index(step)]["views"] != b_raw[b.stage_index(step)]["views"]:
             return step
     return None

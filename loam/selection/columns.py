@@ -55,7 +55,7 @@ def write_columns(domain: str, columns: dict[str, np.ndarray], directory=None,
     existing.update({k: np.asarray(v, np.float32) for k, v in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **existing, **{_SHA_KEY: np.array(sha)})
+    np.savez_compressed(tmp, **existing, **{_SHA_KEY: np.array(sha)})
     os.replace(tmp, path)
     return path
 

@@ -1,8 +1,8 @@
 """Heuristic quality signals in the style of the Gopher, C4 and FineWeb filters.
 
-Each signal is a per-document number; `goodness` maps it onto [0, 1] with the published
-thresholds as the edges of a linear ramp, and `quality` is the mean goodness — one score in which
-higher means "more like clean prose". Thresholds: Gopher (Rae et al. 2021, appendix A), C4 (Raffel
+Each signal is a per-document number; `goodness` maps it onto [0, 1] with a logistic centred on
+the published threshold, and `quality` is the mean goodness: one score in which higher means
+"more like clean prose". Thresholds: Gopher (Rae et al. 2021, appendix A), C4 (Raffel
 et al. 2020: lines ending in terminal punctuation), FineWeb (Penedo et al. 2024: duplicated lines).
 """
 
@@ -18,7 +18,7 @@ _STOP_WORDS = frozenset("the be to of and that have with".split())
 _TERMINAL = (".", "!", "?", '"', "'", "”", ":")
 
 SIGNALS = ("alpha_words", "mean_word_length", "symbol_ratio", "duplicate_lines",
-           "punctuated_lines", "stop_words")
+           "punctuated_lines", "stop_words", "words")
 
 
 def signals(text: str) -> dict[str, float]:
@@ -40,23 +40,28 @@ def signals(text: str) -> dict[str, float]:
         "punctuated_lines": sum(1 for l in lines if l.endswith(_TERMINAL)) / n_lines,
         # Gopher: at least two of the English stop words.
         "stop_words": float(sum(1 for w in words if w.lower() in _STOP_WORDS)),
+        "words": float(len(words)),
     }
 
 
-def _ramp(x, bad, good):
-    """0 at `bad`, 1 at `good`, linear between (either direction)."""
-    return float(np.clip((x - bad) / (good - bad), 0.0, 1.0))
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-np.clip(x, -50, 50))))
 
 
 def goodness(s: dict[str, float]) -> dict[str, float]:
+    """Each signal through a logistic centred on its published threshold: 0.5 at the threshold,
+    near 1 well on the good side. Smooth rather than a hard cut, so documents that all pass a
+    filter are still ranked (what an ordered curriculum needs)."""
     mwl = s["mean_word_length"]
+    n_words = max(s["words"], 1.0)
     return {
-        "alpha_words": _ramp(s["alpha_words"], 0.5, 0.8),
-        "mean_word_length": min(_ramp(mwl, 1.0, 3.0), _ramp(mwl, 14.0, 10.0)),
-        "symbol_ratio": _ramp(s["symbol_ratio"], 0.3, 0.1),
-        "duplicate_lines": _ramp(s["duplicate_lines"], 0.5, 0.3),
-        "punctuated_lines": _ramp(s["punctuated_lines"], 0.0, 0.8),
-        "stop_words": _ramp(s["stop_words"], 0.0, 2.0),
+        "alpha_words": _sigmoid((s["alpha_words"] - 0.8) / 0.05),
+        "mean_word_length": _sigmoid((mwl - 3.0) / 0.5) * _sigmoid((10.0 - mwl) / 0.5),
+        "symbol_ratio": _sigmoid((0.1 - s["symbol_ratio"]) / 0.03),
+        "duplicate_lines": _sigmoid((0.3 - s["duplicate_lines"]) / 0.1),
+        "punctuated_lines": _sigmoid((s["punctuated_lines"] - 0.5) / 0.15),
+        # Gopher asks for >= 2 stop words; as a rate, English prose has ~0.1-0.2 per word.
+        "stop_words": _sigmoid((s["stop_words"] / n_words - 0.05) / 0.03),
     }
 
 
