@@ -154,7 +154,7 @@ def fit_table(table: dict[str, np.ndarray], *, approaches=(1, 2, 3), bootstrap: 
         entry[f"approach{approach}"] = {"error": str(e)}
     report["fits"][col] = entry
     objects[col] = objs
-  main = report["fits"]["loss"].get("approach3", {})
+  main = report["fits"].get("loss", {}).get("approach3", {})
   for k in laws.PARAM_NAMES:
     if k in main:
       report[k] = main[k]
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
       out.mkdir(parents=True, exist_ok=True)
       report["plots"] = [str(p) for p in plot_fits(table, objects, out)]
       (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
-  except ScalingFitError as e:
+  except (ValueError, OSError) as e:  # ScalingFitError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(report))

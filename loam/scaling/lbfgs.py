@@ -85,7 +85,8 @@ def minimize(
   Traceable: call it inside jax.jit (memory and max_iter must then be static).
 
   A lane stops when its gradient max-norm is below `gtol` or an accepted step lowers f by less
-  than `ftol * max(|f|, tiny)` (scipy's L-BFGS-B criteria); such lanes are `converged`. A lane
+  than `ftol * |f|` (the form of scipy L-BFGS-B's pgtol and factr tests, without its floor of 1
+  on |f|, since scaling-law objectives are ~1e-3); such lanes are `converged`. A lane
   whose step shrinks to nothing without satisfying them stops unconverged.
   """
   s_count, p = x0.shape
