@@ -22,6 +22,8 @@ setup(
         "matplotlib>=3.8",
         "scipy>=1.11",
         "absl-py",
+        # tfds 4.9 imports it on every Python but declares it only for Python < 3.9.
+        "importlib_resources",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
 )

@@ -24,7 +24,7 @@ import numpy as np
 from loam import checkpoint as ckpt_lib
 from loam import eval as eval_lib
 from loam import metrics as metrics_lib
-from loam import perf
+from loam import perf, plots
 from loam import step as step_lib
 from loam.data import corpora, curriculum, mixture, objectives
 from loam.data import vocab as vocab_lib
@@ -157,6 +157,9 @@ def train(config, workdir: str | Path) -> dict:
               f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
               f"steps {start}->{config.steps}", flush=True)
 
+    if is_main:
+        plots.schedule_plot(workdir / "schedule.png", domains, stream.weights_at, schedule,
+                            config.steps, [s.start for s in getattr(stream.schedule, "stages", [])])
     if restored is not None and schedule_change and is_main:
         writer.write(start, {"event": "schedule_changed", **schedule_change})
     preemption = _Preemption()

@@ -72,8 +72,9 @@ def lr_phases(config) -> dict[str, int]:
     """Step boundaries of the learning-rate schedule's phases, by name."""
     o, steps = config.optim, int(config.steps)
     phases = {"warmup_end": int(o.warmup_steps)}
-    if o.schedule == "wsd":
-        phases["decay"] = int(round(steps * (1 - o.decay_fraction)))
+    if o.schedule == "wsd":  # as loam.step.lr_schedule places it
+        phases["decay"] = max(int(o.warmup_steps),
+                              steps - max(1, int(round(o.decay_fraction * steps))))
     elif o.schedule == "cosine":
         phases["decay"] = int(o.warmup_steps)
     return phases

@@ -9,7 +9,7 @@ Retrain with ``python -m loam.data.vocab --out loam/data/bundled/loam.model``; t
 deterministic slice of every domain's training split.
 
 This module imports only sentencepiece; ``seqio_vocabulary()`` imports seqio (and TensorFlow) on
-demand, for the code paths that need it.
+demand, for the code paths that need it. Its ids equal this module's on every path.
 """
 
 from __future__ import annotations
@@ -72,9 +72,11 @@ def default_vocabulary() -> Vocabulary:
     return Vocabulary()
 
 
-def seqio_vocabulary(model_path: str | Path = MODEL_PATH):
-    import seqio  # noqa: PLC0415 — heavy import, only where seqio is used.
-    return seqio.SentencePieceVocabulary(str(model_path), extra_ids=NUM_SENTINELS)
+def seqio_vocabulary():
+    """The seqio vocabulary of loam's tasks: ids equal to this module's on the Python and the
+    TF path (see loam.data.tasks.ExactSentencePieceVocabulary). Imports seqio and TensorFlow."""
+    from loam.data import tasks  # noqa: PLC0415 — heavy import, only where seqio is used.
+    return tasks.vocabulary()
 
 
 def _sample(directory) -> list[str]:

@@ -1,0 +1,37 @@
+"""Plots a run writes next to its metrics (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def schedule_plot(path: str | Path, domains, weights_at, lr_at, steps: int,
+                  stage_starts=()) -> Path:
+    """Mixture weights (stacked) and learning rate against step, with stage boundaries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = np.unique(np.linspace(0, steps - 1, min(steps, 1000)).astype(int))
+    w = np.stack([np.asarray(weights_at(int(s)), float) for s in xs])
+    lr = np.array([float(lr_at(int(s))) for s in xs])
+    fig, (ax_w, ax_lr) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+    ax_w.stackplot(xs, w.T, labels=list(domains), step="post")
+    ax_w.set_ylabel("mixture weight")
+    ax_w.set_ylim(0, 1)
+    ax_w.legend(loc="upper left", fontsize=8, ncol=len(domains))
+    ax_lr.plot(xs, lr, color="black")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    for s in stage_starts:
+        if s > 0:
+            for ax in (ax_w, ax_lr):
+                ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
