@@ -1,0 +1,126 @@
+"""Swarm throughput: K proxies in one vmapped step vs the same K trained one after another.
+
+    python -m loam.bench.swarm [--k 16] [--size tiny] [--seq_len 128] [--batch_size 4] [--steps 4]
+
+Both sides train the same members (mixtures, seeds) on the same pre-built batches on the same
+devices, with compilation excluded; the sequential side reuses one compiled ordinary train step
+(`loam.step.make_train_step`) for every member, the most favourable way to run them one by one.
+Host-side batch construction is measured separately (`data_tokens_per_s`), since both sides share
+it. Prints one JSON object per line; the last line is the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+
+def _block(tree):
+    jax.block_until_ready(tree)
+    return tree
+
+
+def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4,
+        steps: int = 4, seed: int = 0) -> dict:
+    from loam import step as step_lib
+    from loam import train as train_lib
+    from loam.configs import default
+    from loam.data import corpora
+    from loam.mixing import swarm as sw
+    from loam.model import sharding, sizes
+
+    config = default.get_config(f"size={size},steps=1000,seq_len={seq_len},"
+                                f"batch_size={batch_size}")
+    rng = np.random.default_rng(seed)
+    domains = list(config.data.domains)
+    members = [sw.Member(dict(zip(domains, rng.dirichlet(np.ones(len(domains))).tolist())),
+                         seed=i) for i in range(k)]
+    swarm = sw.Swarm(config, members)
+    model_cfg = swarm.model_cfg
+    counts = sizes.count_params(model_cfg)
+    print(json.dumps({"k": k, "size": size, "seq_len": seq_len, "batch_size": batch_size,
+                      "devices": jax.device_count(), "member_shards": swarm.shards,
+                      "params_non_embedding": counts["non_embedding"],
+                      "params_total": counts["total"]}), flush=True)
+
+    t = time.perf_counter()
+    host = [swarm.host_batch(s) for s in range(steps + 1)]
+    data_s = time.perf_counter() - t
+    tokens_per_member_step = batch_size * seq_len
+    data_tokens_per_s = (steps + 1) * k * tokens_per_member_step / data_s
+
+    # Swarm: one compiled step for all members.
+    state = swarm.init()
+    batches = [swarm.device_batch(b) for b in host]
+    t = time.perf_counter()
+    state, m = swarm.train_step(state, batches[0])
+    _block(m)
+    swarm_compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for s in range(1, steps + 1):
+        state, m = swarm.train_step(state, batches[s])
+    _block((state, m))
+    swarm_s = time.perf_counter() - t
+    swarm_losses = np.asarray(m["loss"])
+    del state, batches
+
+    # Sequential: the ordinary train step, one member after another.
+    mesh = sharding.make_mesh(data=-1)
+    o = config.optim
+    optimizer = step_lib.make_optimizer(train_lib.lr_schedule(config),
+                                        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                                        clip_norm=o.clip_norm)
+    train_step = None
+    seq_s, seq_compile_s, seq_losses = 0.0, 0.0, []
+    for i in range(k):
+        st, shardings = step_lib.init_state(swarm.model, optimizer, jax.random.PRNGKey(i), mesh,
+                                            seq_len, batch_size)
+        if train_step is None:
+            train_step = step_lib.make_train_step(swarm.model, optimizer, mesh, shardings,
+                                                  len(corpora.DOMAIN_NAMES), z_loss=o.z_loss)
+        mb = [sharding.shard_batch({f: v[i] for f, v in b.items()}, mesh) for b in host]
+        t = time.perf_counter()
+        st, mm = train_step(st, mb[0])
+        _block(mm)
+        seq_compile_s += time.perf_counter() - t
+        t = time.perf_counter()
+        for s in range(1, steps + 1):
+            st, mm = train_step(st, mb[s])
+        _block((st, mm))
+        seq_s += time.perf_counter() - t
+        seq_losses.append(float(mm["loss"]))
+        del st
+
+    tokens = steps * k * tokens_per_member_step
+    result = {
+        "k": k, "params_per_member": counts["non_embedding"],
+        "params_total_per_member": counts["total"], "size": size, "seq_len": seq_len,
+        "batch_size": batch_size, "timed_steps": steps, "devices": jax.device_count(),
+        "member_shards": swarm.shards,
+        "swarm_tokens_per_s": tokens / swarm_s,
+        "sequential_tokens_per_s": tokens / seq_s,
+        "speedup": seq_s / swarm_s,
+        "data_tokens_per_s": data_tokens_per_s,
+        "swarm_compile_s": swarm_compile_s, "sequential_compile_s": seq_compile_s,
+        "max_loss_difference": float(np.max(np.abs(swarm_losses - np.array(seq_losses)))),
+    }
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args(argv)
+    print(json.dumps(run(a.k, a.size, a.seq_len, a.batch_size, a.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Proxy swarms: K models of one architecture trained together in one compiled step.
+
+Parameters and optimiser states are stacked along a leading member axis and the ordinary loss
+(`loam.step`) is vmapped over it, so each member sees exactly what a single run with its own
+config would: its own mixture stream (weights, seed), its own initialisation (seed) and its own
+peak learning rate. The member axis is sharded over the mesh's "data" axis when there is more than
+one device. A member whose loss, gradient or update goes non-finite is frozen (its update masked
+out) and reported; the others continue unaffected.
+
+A member is described by a full loam training config (`member_config`), so any member can be
+re-run alone with `python -m loam.train`, and a swarm checkpoint holds everything the swarm needs to
+continue exactly: stacked state, per-member alive flags and every member's data position.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from loam import checkpoint as ckpt_lib
+from loam import metrics as metrics_lib
+from loam import step as step_lib
+from loam.data import corpora, mixture, objectives
+from loam.model import sharding
+from loam.model.transformer import Transformer
+
+MEMBER_AXIS = "data"  # mesh axis the member dimension is sharded over
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One proxy: its mixture weights (dict domain -> weight, or a recipe string), init/data seed
+    and peak learning rate (None: the config's)."""
+    weights: Any
+    seed: int = 0
+    lr: float | None = None
+    name: str = ""
+
+    def to_json(self) -> dict:
+        w = self.weights
+        if isinstance(w, Mapping):
+            w = {k: float(v) for k, v in w.items()}
+        return {"weights": w, "seed": int(self.seed), "lr": self.lr, "name": self.name}
+
+
+@flax.struct.dataclass
+class SwarmState:
+    step: jax.Array         # int32 scalar: swarm steps taken
+    params: Any             # leaves [K, ...]
+    opt_state: Any          # leaves [K, ...]
+    alive: jax.Array        # bool [K]: False once a member diverged (its updates are masked)
+    diverged_at: jax.Array  # int32 [K]: step whose update was refused, -1 while alive
+
+
+def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_collections.ConfigDict:
+    """The single-run config equivalent to one member of a swarm."""
+    c = copy.deepcopy(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    c = ml_collections.ConfigDict(c)
+    c.seed = int(member.seed)
+    w = member.weights
+    del c.data["weights"]  # the field may change type (recipe string <-> dict)
+    c.data.weights = {k: float(v) for k, v in w.items()} if isinstance(w, Mapping) else w
+    if member.lr is not None:
+        c.optim.lr = float(member.lr)
+    return c
+
+
+def _member_shards(k: int, devices: int) -> int:
+    """Largest divisor of k that fits the devices: how many ways the member axis is split."""
+    return max(d for d in range(1, min(k, devices) + 1) if k % d == 0)
+
+
+def swarm_mesh(k: int, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    n = _member_shards(k, len(devices))
+    return sharding.make_mesh(data=n, fsdp=1, tensor=1, devices=devices[:n])
+
+
+class Swarm:
+    """K members sharing the architecture, optimiser kind, schedule shape and batch shape of
+    ``config``; each with its own weights, seed and peak learning rate."""
+
+    def __init__(self, config, members: Sequence[Member], mesh: Mesh | None = None,
+                 build_streams: bool = True):
+        from loam import train as train_lib  # the single-run builders, reused as they are
+        from loam.data import vocab as vocab_lib
+
+        members = list(members)
+        if not members:
+            raise ValueError("a swarm needs at least one member")
+        if config.data.get("stages"):
+            raise ValueError("swarm members take constant weights; clear config.data.stages")
+        if config.optim.accum_steps != 1:
+            raise ValueError("swarms do not accumulate gradients; set optim.accum_steps=1 and "
+                             "lower data.batch_size instead")
+        self.config, self.members, self.k = config, members, len(members)
+        self.configs = [member_config(config, m) for m in members]
+        self.mesh = mesh if mesh is not None else swarm_mesh(self.k)
+        self.shards = self.mesh.shape[MEMBER_AXIS]
+        if self.k % self.shards:
+            raise ValueError(f"{self.k} members cannot be split over {self.shards} devices of "
+                             f"the mesh axis {MEMBER_AXIS!r}; use a multiple of it")
+        vocab_size = vocab_lib.VOCAB_SIZE
+        self.model_cfg = train_lib.build_model_config(config, vocab_size)
+        self.model = Transformer(self.model_cfg)
+        self.num_domains = len(corpora.DOMAIN_NAMES)
+        self.seq_len, self.batch_size = config.data.seq_len, config.data.batch_size
+        o = config.optim
+        self.lrs = np.array([float(m.lr if m.lr is not None else o.lr) for m in members],
+                            np.float32)
+        self.seeds = np.array([int(m.seed) for m in members], np.uint32)
+        self.streams = ([train_lib.build_stream(c) for c in self.configs] if build_streams
+                        else None)
+        self._stacked = NamedSharding(self.mesh, P(MEMBER_AXIS))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._train_step = None
+        self._eval_step = None
+        self._eval_sets = None
+
+    # -- optimiser of one member, built inside the vmapped function from its (traced) peak lr
+
+    def optimizer(self, lr) -> optax.GradientTransformation:
+        c, o = self.config, self.config.optim
+        schedule = step_lib.lr_schedule(o.schedule, lr, c.steps, o.warmup_steps,
+                                        final_fraction=o.final_lr_fraction,
+                                        decay_fraction=o.decay_fraction)
+        return step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                                       clip_norm=o.clip_norm)
+
+    def _init_one(self, rng, lr):
+        params = self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
+        params = nn.meta.unbox(params)
+        return params, self.optimizer(lr).init(params)
+
+    def shardings(self, state: SwarmState) -> SwarmState:
+        return SwarmState(step=self._replicated,
+                          params=jax.tree.map(lambda _: self._stacked, state.params),
+                          opt_state=jax.tree.map(lambda _: self._stacked, state.opt_state),
+                          alive=self._stacked, diverged_at=self._stacked)
+
+    def init(self) -> SwarmState:
+        """Member i's parameters equal those of a single run with seed i (PRNGKey(seed))."""
+        def init(seeds, lrs):
+            rngs = jax.vmap(jax.random.PRNGKey)(seeds)
+            params, opt = jax.vmap(self._init_one)(rngs, lrs)
+            return SwarmState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt,
+                              alive=jnp.ones((self.k,), bool),
+                              diverged_at=jnp.full((self.k,), -1, jnp.int32))
+        shapes = jax.eval_shape(init, self.seeds, self.lrs)
+        out = jax.jit(init, out_shardings=self.shardings(shapes))
+        return out(self.seeds, self.lrs)
+
+    def abstract_state(self) -> SwarmState:
+        shapes = jax.eval_shape(lambda: self.init())
+        shard = self.shardings(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shard)
+
+    # -- the compiled step
+
+    def _member_step(self, params, opt_state, alive, lr, batch):
+        """One member's update (the ordinary train step's arithmetic), masked if non-finite."""
+        o = self.config.optim
+        grad_fn = jax.grad(lambda p, b: step_lib._loss_sums(p, self.model, b, self.num_domains,
+                                                            o.z_loss), has_aux=True)
+        grads, aux = grad_fn(params, batch)
+        denom = jnp.maximum(aux["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, new_opt = self.optimizer(lr).update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        loss = aux["loss_sum"] / denom
+        grad_norm = optax.global_norm(grads)
+        # Parameters whose squared norm overflows count as diverged too: they would make the
+        # next loss non-finite (and a checkpoint's fingerprint meaningless).
+        ok = (alive & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates))
+              & jnp.isfinite(optax.global_norm(new_params)))
+        keep = lambda new, old: jnp.where(ok, new, old)
+        metrics = {"loss": loss, "tokens": aux["tokens"],
+                   "domain_loss_sum": aux["domain_loss_sum"],
+                   "domain_tokens": aux["domain_tokens"], "grad_norm": grad_norm,
+                   "lr": step_lib.current_lr(new_opt)}
+        return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
+                ok, metrics)
+
+    def make_train_step(self, state_shardings: SwarmState):
+        def train_step(state: SwarmState, batch):
+            params, opt, ok, metrics = jax.vmap(self._member_step)(
+                state.params, state.opt_state, state.alive, jnp.asarray(self.lrs), batch)
+            newly_dead = state.alive & ~ok
+            diverged_at = jnp.where(newly_dead, state.step, state.diverged_at)
+            metrics["alive"] = ok
+            return SwarmState(step=state.step + 1, params=params, opt_state=opt, alive=ok,
+                              diverged_at=diverged_at), metrics
+
+        return jax.jit(train_step, in_shardings=(state_shardings, self._stacked),
+                       out_shardings=(state_shardings, self._replicated), donate_argnums=0)
+
+    def train_step(self, state: SwarmState, batch):
+        """(state, batch [K, B, L] features) -> (state, metrics [K, ...]); state is donated."""
+        if self._train_step is None:
+            self._train_step = self.make_train_step(self.shardings(state))
+        return self._train_step(state, batch)
+
+    # -- data
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """Every member's batch at ``step`` stacked: [K, B, L] per feature."""
+        if self.streams is None:
+            raise ValueError("this swarm was built without streams (build_streams=False)")
+        parts = [s.batch(step) for s in self.streams]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+    def device_batch(self, batch: Mapping[str, np.ndarray]):
+        return {k: jax.device_put(np.asarray(v), self._stacked) for k, v in batch.items()}
+
+    def batch(self, step: int):
+        return self.device_batch(self.host_batch(step))
+
+    # -- evaluation: per member, per domain, on the fixed validation batches
+
+    def eval_sets(self, domains: Sequence[str] | None = None) -> list[tuple[str, list, float]]:
+        if self._eval_sets is None:
+            c = self.config
+            objective = objectives.get_objective(c.data.objective)
+            names = list(domains or corpora.DOMAIN_NAMES)
+            sets = []
+            for d in names:
+                batches, _ = mixture.eval_batches(d, objective, self.seq_len,
+                                                  c.eval_batch_size, c.eval_tokens,
+                                                  data_dir=c.data.dir or None)
+                tokens = float(sum(b["loss_weights"].sum() for b in batches))
+                sets.append((d, batches, tokens))
+            self._eval_sets = sets
+        return self._eval_sets
+
+    def evaluate(self, params, domains: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Validation loss of every member on every domain: {domain: [K] losses}."""
+        if self._eval_step is None:
+            def eval_step(params, batch):
+                def one(p):
+                    _, aux = step_lib._loss_sums(p, self.model, batch, self.num_domains, 0.0)
+                    return aux["loss_sum"]
+                return jax.vmap(one)(params)
+            self._eval_step = jax.jit(eval_step, out_shardings=self._replicated)
+        out = {}
+        for d, batches, tokens in self.eval_sets(domains):
+            total = np.zeros(self.k)
+            for b in batches:
+                dev = {k: jax.device_put(np.asarray(v), self._replicated) for k, v in b.items()}
+                total += np.asarray(jax.device_get(self._eval_step(params, dev)), np.float64)
+            out[d] = total / max(tokens, 1.0)
+        return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _member_losses(m: dict, domain_ids: Sequence[int], domains: Sequence[str]) -> list[dict]:
+    out = []
+    for i in range(m["loss"].shape[0]):
+        out.append({d: float(m["domain_loss_sum"][i, j] / m["domain_tokens"][i, j])
+                    for d, j in zip(domains, domain_ids) if m["domain_tokens"][i, j] > 0})
+    return out
+
+
+def train_swarm(config, members: Sequence[Member], workdir: str | Path,
+                eval_domains: Sequence[str] | None = None, mesh: Mesh | None = None,
+                verbose: bool = True) -> dict:
+    """Trains (or resumes) a swarm in ``workdir``; returns and writes ``results.json``:
+    per member its config, final train loss, per-domain eval losses, and divergence.
+
+    Like a single run, resuming from a checkpoint reproduces the uninterrupted swarm exactly.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    members = list(members)
+    spec = {"members": [m.to_json() for m in members],
+            "config": json.loads(config.to_json_best_effort())}
+    spec_path = workdir / "swarm.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+        raise ValueError(f"{workdir} holds a different swarm (swarm.json differs: other members "
+                         "or config); use a new workdir or restore the original settings")
+    spec_path.write_text(json.dumps(spec, indent=1))
+
+    swarm = Swarm(config, members, mesh=mesh)
+    state = swarm.init()
+    shardings = swarm.shardings(state)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start = 0
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state, shardings))
+    if restored is not None:
+        state, meta = restored
+        start = int(meta["step"])
+        for stream, data in zip(swarm.streams, meta["data"]):
+            stream.check_state(data)
+        if verbose:
+            print(f"swarm resumed from checkpoint at step {start}", flush=True)
+    domains = list(config.data.domains)
+    domain_ids = [corpora.DOMAIN_NAMES.index(mixture.resolve_domain(d)) for d in domains]
+    writer = metrics_lib.MetricWriter(workdir, "train")
+    reported: set[int] = set(int(i) for i in np.flatnonzero(~np.asarray(state.alive)))
+    last_loss = np.full(swarm.k, np.nan)
+    t0, tokens_done = time.time(), 0
+
+    def save(step_no: int):
+        checkpointer.save(step_no, state, {"step": step_no,
+                                           "data": [s.state_dict(step_no) for s in swarm.streams],
+                                           "seeds": swarm.seeds.tolist()})
+
+    def finish(step_no: int, m):
+        nonlocal t0, tokens_done
+        m = jax.device_get(m)
+        last_loss[:] = m["loss"]
+        for i in np.flatnonzero(~m["alive"]):
+            if int(i) not in reported:
+                reported.add(int(i))
+                print(f"swarm member {i} ({members[i].name or 'unnamed'}) diverged at step "
+                      f"{step_no - 1} (loss {float(m['loss'][i])}); frozen, the others continue",
+                      flush=True)
+        if step_no % config.log_every and step_no != config.steps:
+            return
+        tok_s = tokens_done / max(time.time() - t0, 1e-9)
+        t0, tokens_done = time.time(), 0
+        writer.write(step_no, {"loss": [float(x) for x in m["loss"]],
+                               "loss_mean_alive": float(np.mean(m["loss"][m["alive"]]))
+                               if m["alive"].any() else float("nan"),
+                               "alive": int(m["alive"].sum()), "tokens_per_s": tok_s,
+                               "loss_per_domain": _member_losses(m, domain_ids, domains)})
+        if verbose:
+            print(f"swarm step {step_no}/{config.steps}: mean loss "
+                  f"{np.nanmean(np.where(m['alive'], m['loss'], np.nan)):.3f}, "
+                  f"{int(m['alive'].sum())}/{swarm.k} alive, {tok_s:,.0f} tok/s", flush=True)
+
+    pending = None
+    try:
+        for step in range(start, config.steps):
+            state, metrics = swarm.train_step(state, swarm.batch(step))
+            tokens_done += swarm.k * swarm.batch_size * swarm.seq_len
+            if pending is not None:
+                finish(*pending)
+            pending = (step + 1, metrics)
+            step_no = step + 1
+            if step_no % config.checkpoint_every == 0 or step_no == config.steps:
+                finish(*pending)
+                pending = None
+                save(step_no)
+        if pending is not None:
+            finish(*pending)
+        losses = swarm.evaluate(state.params, eval_domains)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    alive = np.asarray(jax.device_get(state.alive))
+    diverged_at = np.asarray(jax.device_get(state.diverged_at))
+    results = {"steps": int(config.steps),
+               "tokens_per_member": int(config.steps) * swarm.batch_size * swarm.seq_len,
+               "members": []}
+    for i, m in enumerate(members):
+        eval_i = {d: float(v[i]) for d, v in losses.items()}
+        finite = bool(alive[i]) and all(math.isfinite(v) for v in eval_i.values())
+        results["members"].append({**m.to_json(), "alive": bool(alive[i]),
+                                   "diverged_at": int(diverged_at[i]),
+                                   "train_loss": float(last_loss[i]),
+                                   "eval_loss": eval_i, "finite": finite})
+    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,123 @@
+"""Proxy swarms: K members in one vmapped step equal K ordinary runs; a diverging member is frozen
+without disturbing the others; a resumed swarm reproduces the uninterrupted one exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from loam import step as step_lib
+from loam import train as train_lib
+from loam.configs import default
+from loam.mixing import swarm as sw
+from loam.model import sharding
+
+STEPS = 3
+
+
+def small_config(steps=STEPS):
+    c = default.get_config(f"size=nano,steps={steps},seq_len=32,batch_size=4")
+    c.optim.warmup_steps = 2
+    c.eval_tokens, c.eval_batch_size = 256, 4
+    c.log_every, c.checkpoint_every = 1, 2
+    return c
+
+
+MEMBERS = [sw.Member({"code": 1.0, "literature": 1.0}, seed=0, name="a"),
+           sw.Member("uniform", seed=1, lr=1e-2, name="b"),
+           sw.Member({"dialogue": 2.0, "docs": 1.0, "reference": 0.5}, seed=2, name="c"),
+           sw.Member("uniform", seed=3, lr=1e30, name="diverges")]
+
+
+def separate_run_losses(config, member, steps):
+    """Losses of the ordinary single-run pieces (loam.train / loam.step) for one member."""
+    mc = sw.member_config(config, member)
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    stream = train_lib.build_stream(mc)
+    o = mc.optim
+    opt = step_lib.make_optimizer(train_lib.lr_schedule(mc), weight_decay=o.weight_decay,
+                                  b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
+    model = train_lib.Transformer(train_lib.build_model_config(mc, 8192))
+    state, shardings = step_lib.init_state(model, opt, jax.random.PRNGKey(mc.seed), mesh,
+                                           mc.data.seq_len, mc.data.batch_size)
+    train_step = step_lib.make_train_step(model, opt, mesh, shardings, 5, z_loss=o.z_loss)
+    out = []
+    for t in range(steps):
+        state, m = train_step(state, sharding.shard_batch(stream.batch(t), mesh))
+        out.append(float(m["loss"]))
+    return out
+
+
+def test_swarm_equals_separate_runs_and_freezes_diverging_member():
+    config = small_config()
+    swarm = sw.Swarm(config, MEMBERS)
+    assert swarm.mesh.shape["data"] == min(4, jax.device_count())  # members split over devices
+    state = swarm.init()
+    init_params = jax.device_get(state.params)
+    losses, alive = [], []
+    for t in range(STEPS):
+        state, m = swarm.train_step(state, swarm.batch(t))
+        losses.append(np.asarray(m["loss"]))
+        alive.append(np.asarray(m["alive"]))
+    losses = np.stack(losses)
+    for i, member in enumerate(MEMBERS[:3]):
+        np.testing.assert_allclose(losses[:, i], separate_run_losses(config, member, STEPS),
+                                   rtol=2e-5, err_msg=f"member {member.name}")
+    # Member b's larger learning rate makes its curve differ from the others (not a copy).
+    assert abs(losses[-1, 1] - losses[-1, 0]) > 1e-3
+    # The huge-lr member is refused at its first update and stays at its initial parameters.
+    assert [a[3] for a in alive] == [False] * STEPS and all(a[:3].all() for a in alive)
+    assert not bool(state.alive[3]) and int(state.diverged_at[3]) == 0
+    assert list(np.asarray(state.diverged_at[:3])) == [-1, -1, -1]
+    final = jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(a[3], b[3])
+        assert np.isfinite(b).all()
+    evals = swarm.evaluate(state.params)
+    assert set(evals) == {"literature", "dialogue", "code", "docs", "reference"}
+    assert all(v.shape == (4,) and np.isfinite(v).all() for v in evals.values())
+
+
+def test_swarm_resume_is_exact(tmp_path, capsys):
+    config = small_config(steps=4)
+    members = MEMBERS[:2] + MEMBERS[3:]
+    ref = sw.train_swarm(config, members, tmp_path / "ref", eval_domains=["code", "docs"],
+                         verbose=False)
+    assert "member 2 (diverges) diverged at step 0" in capsys.readouterr().out
+    assert [m["alive"] for m in ref["members"]] == [True, True, False]
+    assert [m["finite"] for m in ref["members"]] == [True, True, False]
+
+    # Interrupted after the step-2 checkpoint: drop what came later and rerun.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    (resumed / "results.json").unlink()
+    again = sw.train_swarm(config, members, resumed, eval_domains=["code", "docs"],
+                           verbose=True)
+    assert "swarm resumed from checkpoint at step 2" in capsys.readouterr().out
+    for a, b in zip(ref["members"], again["members"]):
+        assert a["eval_loss"] == b["eval_loss"] and a["train_loss"] == b["train_loss"]
+        assert a["diverged_at"] == b["diverged_at"] == (0 if a["name"] == "diverges" else -1)
+    records = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for r in records:
+        by_step.setdefault(r["step"], []).append(r["loss"])
+    assert all(len({json.dumps(v) for v in vs}) == 1 for vs in by_step.values())  # replay equal
+
+    with pytest.raises(ValueError, match="different swarm"):
+        sw.train_swarm(config, members[:2], resumed, verbose=False)
+
+
+def test_swarm_bad_input():
+    config = small_config()
+    with pytest.raises(ValueError, match="at least one member"):
+        sw.Swarm(config, [])
+    with pytest.raises(ValueError, match="not in the mixture's domains"):
+        sw.Swarm(config, [sw.Member({"poetry": 1.0})])
+    mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match="cannot be split"):
+        sw.Swarm(config, MEMBERS[:3], mesh=mesh)
