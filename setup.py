@@ -22,6 +22,7 @@ setup(
         "matplotlib>=3.8",
         "scipy>=1.11",
         "absl-py",
+        "lightgbm>=4.0",
         # tfds 4.9 imports it on every Python but declares it only for Python < 3.9.
         "importlib_resources",
     ],
