@@ -1,6 +1,7 @@
 """Transformer, sizes, counts and the train step on one device."""
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -20,14 +21,22 @@ SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64
 
 def _init(cfg, length=16, seed=0):
     model = Transformer(cfg)
-    params = st._unbox(model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"])
-    return model, params
+    init = jax.jit(lambda r: st._unbox(model.init(r, jnp.zeros((1, length), jnp.int32))["params"]))
+    return model, init(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+    return jax.jit(lambda p, x, s, q, f: model.apply({"params": p}, x, segment_ids=s,
+                                                      positions=q, prefix=f))
 
 
 def _logits(model, params, inputs, segment_ids=None, positions=None, prefix=None):
-    as_arr = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.int32)[None])
-    return np.asarray(model.apply({"params": params}, as_arr(inputs), segment_ids=as_arr(segment_ids),
-                                  positions=as_arr(positions), prefix=as_arr(prefix)))[0]
+    n = len(inputs)
+    row = lambda x, default: jnp.asarray(np.asarray(default if x is None else x, np.int32)[None])
+    out = _jitted_apply(model)(params, row(inputs, None), row(segment_ids, np.ones(n)),
+                               row(positions, np.arange(n)), row(prefix, np.zeros(n)))
+    return np.asarray(out)[0]
 
 
 def pack(docs, length, rows, domain_of=None):
@@ -235,7 +244,8 @@ def test_loss_fn_domain_sums_add_up_and_weights_mask():
     docs = [list(np.random.default_rng(i).integers(3, 64, 20)) for i in range(8)]
     batch = _batch(docs, [i % 3 for i in range(8)])
     model, params = _init(SMALL)
-    loss, aux = st.loss_fn(params, model, {k: jnp.asarray(v) for k, v in batch.items()}, 5)
+    loss_fn = jax.jit(lambda p, b: st.loss_fn(p, model, b, 5))
+    loss, aux = loss_fn(params, batch)
     assert float(aux["tokens"]) == batch["loss_weights"].sum()
     np.testing.assert_allclose(float(aux["domain_loss_sum"].sum()), float(aux["loss_sum"]), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(aux["loss_sum"] / aux["tokens"]), rtol=1e-6)
@@ -243,11 +253,11 @@ def test_loss_fn_domain_sums_add_up_and_weights_mask():
     # Changing a target where the weight is 0 changes nothing.
     batch2 = dict(batch)
     batch2["targets"] = np.where(batch["loss_weights"] > 0, batch["targets"], 7)
-    loss2, _ = st.loss_fn(params, model, {k: jnp.asarray(v) for k, v in batch2.items()}, 5)
+    loss2, _ = loss_fn(params, batch2)
     assert float(loss2) == float(loss)
     # Uniform logits give log(V) per token.
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    loss0, _ = st.loss_fn(zero, model, {k: jnp.asarray(v) for k, v in batch.items()}, 5)
+    loss0, _ = loss_fn(zero, batch)
     np.testing.assert_allclose(float(loss0), math.log(64), rtol=1e-5)
 
 
@@ -256,7 +266,7 @@ def test_remat_gives_same_loss_and_grads():
     batch = {k: jnp.asarray(v) for k, v in _batch(docs, [0] * 8).items()}
     model, params = _init(SMALL)
     remat_model = Transformer(dataclasses.replace(SMALL, remat=True))
-    grad = lambda m: jax.value_and_grad(lambda p: st.loss_fn(p, m, batch, 5)[0])(params)
+    grad = lambda m: jax.jit(jax.value_and_grad(lambda p: st.loss_fn(p, m, batch, 5)[0]))(params)
     (l1, g1), (l2, g2) = grad(model), grad(remat_model)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
@@ -328,7 +338,7 @@ def test_weight_decay_skips_norm_scales():
     opt = st.make_optimizer(st.lr_schedule("constant", 1.0, 10, 0), weight_decay=0.5,
                             clip_norm=None)
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, _ = opt.update(zero_grads, opt.init(params), params)
+    updates, _ = jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(zero_grads, params)
     assert float(jnp.abs(updates["layers"]["attn_norm"]["scale"]).max()) == 0.0
     assert float(jnp.abs(updates["final_norm"]["scale"]).max()) == 0.0
     np.testing.assert_allclose(updates["layers"]["mlp"]["up"], -0.5 * params["layers"]["mlp"]["up"],
