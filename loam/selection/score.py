@@ -24,6 +24,14 @@ def heuristic_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str,
     return heuristics.score_documents([t for _, t in docs])
 
 
+def random_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str, np.ndarray]:
+    """Column `random`: a uniform [0, 1) number from a hash of the document id. Keeping a range
+    of it takes a reproducible random subset (e.g. the same documents in two orders)."""
+    import hashlib
+    return {"random": np.array([int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "little")
+                                / 2**64 for d, _ in docs], np.float32)}
+
+
 def model_scorer(domain: str, docs: list[tuple[str, str]], workdir: str, column: str,
                  step: int | None = None, data_dir=None, **_) -> dict[str, np.ndarray]:
     """Mean loss (nats/token) of every document under the checkpoint; NaN for empty ones."""
@@ -72,7 +80,7 @@ def _cached_run(workdir, step):
     return _RUNS[key]
 
 
-SCORERS = {"heuristic": heuristic_scorer, "model": model_scorer}
+SCORERS = {"heuristic": heuristic_scorer, "random": random_scorer, "model": model_scorer}
 
 
 def score(scorer: str, domains=corpora.DOMAIN_NAMES, data_dir=None, out=None, **kwargs):
@@ -84,7 +92,7 @@ def score(scorer: str, domains=corpora.DOMAIN_NAMES, data_dir=None, out=None, **
         cols = SCORERS[scorer](domain, docs, data_dir=data_dir, **kwargs)
         written[domain] = columns_lib.write_columns(domain, cols, out or data_dir, data_dir)
         summary = ", ".join(f"{k} mean {np.nanmean(v):.3f}" for k, v in cols.items()
-                            if k in ("quality", kwargs.get("column")))
+                            if k in ("quality", "random", kwargs.get("column")))
         print(f"{domain:12s} {len(docs):6d} documents -> {written[domain]} ({summary})",
               flush=True)
     return written
