@@ -37,10 +37,17 @@ class TrainingError(RuntimeError):
 
 
 def build_model_config(config, vocab_size: int):
+    cfg = sizes.get_size(config.model.size, vocab_size)
+    shape = {k: int(config.model.get(k, 0) or 0)
+             for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")}
+    shape = {k: v for k, v in shape.items() if v > 0}
+    if shape:  # head_dim and kv heads are re-derived from the new shape unless given
+        if "n_heads" in shape and "n_kv_heads" not in shape:
+            shape["n_kv_heads"] = shape["n_heads"]
+        cfg = dataclasses.replace(cfg, head_dim=None, **shape)
     return dataclasses.replace(
-        sizes.get_size(config.model.size, vocab_size), remat=config.model.remat,
-        tied_embeddings=config.model.tied_embeddings, dtype=config.model.dtype,
-        max_len=config.data.seq_len)
+        cfg, remat=config.model.remat, tied_embeddings=config.model.tied_embeddings,
+        dtype=config.model.dtype, max_len=config.data.seq_len)
 
 
 def build_stream(config, process_index: int = 0, process_count: int = 1):

@@ -33,6 +33,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.size = a.size
+    # Explicit shape (e.g. from loam.model.sizes.pick_size in a scaling sweep); a nonzero field
+    # replaces the named size's, 0 keeps it. n_kv_heads 0 with n_heads set means multi-head.
+    c.model.d_model = 0
+    c.model.n_layers = 0
+    c.model.n_heads = 0
+    c.model.n_kv_heads = 0
+    c.model.mlp_dim = 0
     c.model.remat = False
     c.model.tied_embeddings = False
     c.model.dtype = "float32"

@@ -1,0 +1,544 @@
+"""Scaling-law sweeps: a base run config plus axes, expanded into runs with stable ids.
+
+    python -m loam.sweep --config loam/configs/sweep_ladder.py --workdir DIR [--parallel N]
+    python -m loam.sweep --config FILE --workdir DIR --list      # launch commands, one per run
+    python -m loam.sweep --config FILE --workdir DIR --collect   # rebuild DIR/results.csv only
+    python -m loam.sweep --config FILE --workdir DIR --fit       # fit the table, check holdouts
+
+A sweep file's get_config(arg) returns a ConfigDict with
+  base             a run config (e.g. loam.configs.default.get_config(...));
+  axes             a list of axes, each a dict {key: [values]}. The runs are the product of the
+                   axes; keys inside one axis vary together (zipped, equal lengths);
+  holdout          (optional) a list of points {key: value}, trained like grid runs but written
+                   to DIR/holdout.csv instead of results.csv, so a law fitted on the grid can be
+                   checked against them (--fit);
+  warmup_fraction  (optional, 0 = off) warmup steps as a fraction of each run's steps.
+A key is a dotted path into the base config ("optim.lr", "seed", "data.weights") or derived:
+  params            target non-embedding parameters N -> model shape via sizes.pick_size
+  tokens            tokens D -> steps = round(D / (batch_size * seq_len))
+  tokens_per_param  D = value * N
+  flops             a compute budget C (IsoFLOP): D = C / (6 N)
+N is always the non-embedding parameter count (the N of the fitted law).
+
+Every run trains in DIR/runs/<run id> as a subprocess of `python -m loam.train`, whose config
+argument is this file reading the resolved config from DIR/runs/<run id>/sweep_run.json. The run
+id is a readable name plus a hash of the run's own axis values, so editing one axis value changes
+only the ids of the runs that use it. Rerunning a sweep skips finished runs (final checkpoint and
+final eval present, same config) and lets train resume the others from their checkpoints; failed
+runs are retried. Each finished run is a row of DIR/results.csv, rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_collections
+
+DERIVED_KEYS = ("params", "tokens", "tokens_per_param", "flops")
+_TOKEN_KEYS = ("tokens", "tokens_per_param", "flops")
+RUN_FILE = "sweep_run.json"
+STATUS_FILE = "sweep_status.json"
+RESULTS_FILE = "results.csv"
+HOLDOUT_FILE = "holdout.csv"
+_FIRST_COLUMNS = ("run_id", "status")
+_SIZE_COLUMNS = ("N", "N_total", "D", "C", "C_attn", "steps", "d_model", "n_layers", "n_heads",
+                 "mlp_dim")
+_LAST_COLUMNS = ("wall_seconds", "error")
+
+
+class SweepError(ValueError):
+    """A sweep config or results table that cannot be used; the message names the fix."""
+
+
+# --------------------------------------------------------------------------- config as data
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+    """The run config materialised by a sweep (the --config of each run's launch command)."""
+    return ml_collections.ConfigDict(json.loads(Path(arg).read_text())["config"])
+
+
+def load_sweep(spec: str) -> ml_collections.ConfigDict:
+    """Imports FILE[:ARG] and returns get_config(ARG), like ml_collections' --config flag."""
+    path, sep, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise SweepError(f"sweep config {path!r} does not exist; pass --config path/to/sweep.py")
+    module_spec = importlib.util.spec_from_file_location(f"loam_sweep_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise SweepError(f"{path} has no get_config(arg) function returning the sweep")
+    sweep = module.get_config(arg) if sep else module.get_config()
+    if "base" not in sweep:
+        raise SweepError(f"{path}: the sweep has no `base` run config; set sweep.base = "
+                         "loam.configs.default.get_config(...) (and sweep.axes = [...])")
+    return sweep
+
+
+def _plain(value):
+    """ConfigDict / tuples -> plain JSON-able dicts and lists."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_key(base: dict, key: str):
+    if key in DERIVED_KEYS:
+        return
+    node, done = base, []
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            where = f"'{'.'.join(done)}'" if done else "the top level of the base config"
+            fields = sorted(node) if isinstance(node, dict) else []
+            raise SweepError(
+                f"sweep axis {key!r} names no field of the base config: {where} has "
+                f"{'fields ' + ', '.join(fields) if fields else 'no sub-fields'}. Use one of "
+                f"those, or a derived key ({', '.join(DERIVED_KEYS)}).")
+        node = node[part]
+        done.append(part)
+    if "." not in key and isinstance(node, dict):
+        raise SweepError(f"sweep axis {key!r} is a whole section of the base config; vary its "
+                         f"fields instead ({', '.join(f'{key}.{k}' for k in sorted(node))})")
+
+
+def _set(config: dict, key: str, value):
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    old = node[last]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif (isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float)
+          and value.is_integer()):
+        value = int(value)
+    node[last] = value
+
+
+# --------------------------------------------------------------------------- expansion
+
+@dataclass
+class Run:
+    run_id: str
+    values: dict  # the varied values of this run, in axis order
+    config: dict  # the resolved run config (plain dict)
+    holdout: bool = False
+    shape: dict = field(default_factory=dict)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def run_id(values: dict, prefix: str = "") -> str:
+    """Readable name + 8 hex digits of a hash of the values: stable across expansions."""
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    name = "_".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in values.items())
+    name = re.sub(r"[^A-Za-z0-9_.=+-]", "", name)[:80]
+    return f"{prefix}{name}-{digest[:8]}" if name else f"{prefix}{digest[:8]}"
+
+
+def _model_shape(config: dict) -> dict:
+    from loam import train as train_lib
+    from loam.data.vocab import VOCAB_SIZE
+    from loam.model import sizes
+
+    model_cfg = train_lib.build_model_config(ml_collections.ConfigDict(config), VOCAB_SIZE)
+    counts = sizes.count_params(model_cfg)
+    return {"model_cfg": model_cfg, "N": counts["non_embedding"], "N_total": counts["total"],
+            "flops_per_token": sizes.flops_per_token(model_cfg, config["data"]["seq_len"])}
+
+
+def resolve(base: dict, values: dict, warmup_fraction: float = 0.0) -> dict:
+    """The run config for one point: dotted fields first, then model shape, then steps."""
+    from loam.data.vocab import VOCAB_SIZE
+    from loam.model import sizes
+
+    config = json.loads(json.dumps(base))
+    token_keys = [k for k in values if k in _TOKEN_KEYS]
+    if len(token_keys) > 1:
+        raise SweepError(f"a run sets {token_keys}; give the training length by one of "
+                         f"{', '.join(_TOKEN_KEYS)} (or steps)")
+    if token_keys and "steps" in values:
+        raise SweepError(f"a run sets both {token_keys[0]!r} and 'steps'; drop one")
+    for key, value in values.items():
+        if key not in DERIVED_KEYS:
+            _set(config, key, value)
+    if "params" in values:
+        target = float(values["params"])
+        try:
+            shape = sizes.pick_size(target, VOCAB_SIZE, max_len=config["data"]["seq_len"])
+        except ValueError as e:
+            raise SweepError(f"params={target:g}: {e}") from None
+        config["model"].update(d_model=shape.d_model, n_layers=shape.n_layers,
+                               n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                               mlp_dim=shape.mlp_dim)
+    if token_keys:
+        key, value = token_keys[0], float(values[token_keys[0]])
+        n = _model_shape(config)["N"]
+        tokens = {"tokens": value, "tokens_per_param": value * n, "flops": value / (6 * n)}[key]
+        per_step = config["data"]["batch_size"] * config["data"]["seq_len"]
+        config["steps"] = max(1, int(round(tokens / per_step)))
+    if warmup_fraction:
+        config["optim"]["warmup_steps"] = max(1, int(round(warmup_fraction * config["steps"])))
+    return config
+
+
+def _axis_points(axis, index: int) -> list[dict]:
+    axis = _plain(axis)
+    if not isinstance(axis, dict) or not axis:
+        raise SweepError(f"sweep.axes[{index}] is {axis!r}; each axis is a dict "
+                         "{key: [values]} (several keys in one dict vary together)")
+    lengths = {}
+    for key, vals in axis.items():
+        if not isinstance(vals, list):
+            raise SweepError(f"sweep.axes[{index}][{key!r}] is {vals!r}, not a list of values; "
+                             f"write {key!r}: [{vals!r}]")
+        if not vals:
+            raise SweepError(f"sweep.axes[{index}][{key!r}] has no values, so the grid is empty; "
+                             "give at least one value or remove the axis")
+        lengths[key] = len(vals)
+    if len(set(lengths.values())) > 1:
+        raise SweepError(f"sweep.axes[{index}] zips keys of different lengths {lengths}; keys in "
+                         "one axis vary together, so give them equally many values (or put them "
+                         "in separate axes for a product)")
+    keys = list(axis)
+    return [{k: axis[k][i] for k in keys} for i in range(lengths[keys[0]])]
+
+
+def expand(sweep) -> list[Run]:
+    """All runs of a sweep (grid first, then holdout points), validated and resolved."""
+    base = _plain(sweep.base)
+    axes = _plain(sweep.get("axes", None)) or []
+    holdout = _plain(sweep.get("holdout", None)) or []
+    warmup = float(sweep.get("warmup_fraction", 0.0) or 0.0)
+    if isinstance(axes, dict):
+        axes = [{k: v} for k, v in axes.items()]
+    if not axes and not holdout:
+        raise SweepError("the sweep grid is empty: sweep.axes has no axes and there is no "
+                         "holdout; add an axis such as {'optim.lr': [1e-3, 3e-3]}")
+    points_per_axis = [_axis_points(a, i) for i, a in enumerate(axes)]
+    for points in points_per_axis:
+        for key in points[0]:
+            _check_key(base, key)
+    seen = {}
+    runs = []
+    grid = itertools.product(*points_per_axis) if axes else []
+    for combo in grid:
+        values = {k: v for point in combo for k, v in point.items()}
+        runs.append(Run(run_id(values), values, resolve(base, values, warmup)))
+    for i, point in enumerate(holdout):
+        point = _plain(point)
+        if not isinstance(point, dict) or not point:
+            raise SweepError(f"sweep.holdout[{i}] is {point!r}; give a dict {{key: value}}")
+        for key in point:
+            _check_key(base, key)
+        runs.append(Run(run_id(point, "holdout_"), point, resolve(base, point, warmup), True))
+    for run in runs:
+        if run.run_id in seen:
+            raise SweepError(f"two runs have the same values {run.values}; remove the duplicate "
+                             "axis value")
+        seen[run.run_id] = run
+    return runs
+
+
+# --------------------------------------------------------------------------- running
+
+def run_dir(workdir, run: Run) -> Path:
+    return Path(workdir).absolute() / "runs" / run.run_id
+
+
+def materialise(workdir, run: Run) -> Path:
+    d = run_dir(workdir, run)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / RUN_FILE
+    text = json.dumps({"run_id": run.run_id, "values": run.values, "holdout": run.holdout,
+                       "config": run.config}, indent=1, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
+def launch_command(workdir, run: Run) -> list[str]:
+    config = f"{Path(__file__).absolute()}:{run_dir(workdir, run) / RUN_FILE}"
+    return [sys.executable, "-m", "loam.train", f"--config={config}",
+            f"--workdir={run_dir(workdir, run)}"]
+
+
+def is_finished(workdir, run: Run) -> bool:
+    """Final checkpoint and final eval written under this very config."""
+    d, steps = run_dir(workdir, run), run.config["steps"]
+    if not ((d / "eval" / f"step_{steps}.json").is_file() and (d / "checkpoints" / str(steps)).is_dir()):
+        return False
+    try:
+        saved = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(run.config))
+
+
+def _read_status(workdir, run: Run) -> dict:
+    try:
+        return json.loads((run_dir(workdir, run) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_status(workdir, run: Run, status: dict):
+    path = run_dir(workdir, run) / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
+
+
+def _error_tail(log: Path, lines: int = 6) -> str:
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log written"
+    errors = [i for i, line in enumerate(text) if line.startswith("error:")]
+    tail = text[errors[-1]:] if errors else [l for l in text if l.strip()][-lines:]
+    return " | ".join(l.strip() for l in tail)[-600:]
+
+
+def _cell(value):
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def result_row(workdir, run: Run, shapes: dict) -> dict | None:
+    """The results-table row of a finished or failed run; None while it is pending."""
+    status = _read_status(workdir, run)
+    finished = is_finished(workdir, run)
+    if not finished and status.get("status") != "failed":
+        return None
+    info = shapes.setdefault(run.run_id, _model_shape(run.config))
+    model_cfg = info["model_cfg"]
+    data = run.config["data"]
+    D = run.config["steps"] * data["batch_size"] * data["seq_len"]
+    row = {"run_id": run.run_id, "status": "ok" if finished else "failed"}
+    row.update({k: _cell(v) for k, v in run.values.items()})
+    row.update(N=info["N"], N_total=info["N_total"], D=D, C=6.0 * info["N"] * D,
+               C_attn=info["flops_per_token"] * D, steps=run.config["steps"],
+               d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
+               n_heads=model_cfg.n_heads, mlp_dim=model_cfg.mlp_dim)
+    if finished:
+        record = json.loads((run_dir(workdir, run) / "eval" /
+                             f"step_{run.config['steps']}.json").read_text())
+        losses = {d: float(v["loss"]) for d, v in record["per_domain"].items()}
+        row.update({f"loss/{d}": v for d, v in losses.items()})
+        row["loss"] = sum(losses.values()) / len(losses)
+    row["wall_seconds"] = status.get("wall_seconds", "")
+    row["error"] = "" if finished else status.get("error", "")
+    return row
+
+
+def _write_table(path: Path, rows: list[dict]):
+    columns = list(_FIRST_COLUMNS)
+    for row in rows:  # axis values, in first-seen order
+        columns += [k for k in row if k not in columns and k not in _SIZE_COLUMNS
+                    and k not in _LAST_COLUMNS and not k.startswith("loss")]
+    columns += list(_SIZE_COLUMNS) + ["loss"]
+    for row in rows:
+        columns += [k for k in row if k.startswith("loss/") and k not in columns]
+    columns += list(_LAST_COLUMNS)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def collect(workdir, runs: list[Run], shapes: dict | None = None) -> dict[str, int]:
+    """Rewrites DIR/results.csv (grid) and DIR/holdout.csv from the run directories."""
+    shapes = {} if shapes is None else shapes
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, holdout in ((RESULTS_FILE, False), (HOLDOUT_FILE, True)):
+        group = [r for r in runs if r.holdout == holdout]
+        if not group:
+            continue
+        rows = [row for r in group if (row := result_row(workdir, r, shapes)) is not None]
+        _write_table(workdir / name, rows)
+        counts[name] = len(rows)
+    return counts
+
+
+def run_sweep(workdir, runs: list[Run], parallel: int = 1, env: dict | None = None,
+              echo=print) -> dict[str, int]:
+    """Trains every unfinished run, `parallel` at a time; returns counts of ok/failed/skipped."""
+    workdir = Path(workdir)
+    shapes: dict = {}
+    todo, summary = [], {"ok": 0, "failed": 0, "skipped": 0}
+    for run in runs:
+        materialise(workdir, run)
+        if is_finished(workdir, run):
+            summary["skipped"] += 1
+        else:
+            todo.append(run)
+    collect(workdir, runs, shapes)
+    echo(f"sweep: {len(runs)} runs, {summary['skipped']} finished already, {len(todo)} to train "
+         f"({parallel} at a time) in {workdir}")
+    active: dict = {}  # run_id -> (run, Popen, start time, log file)
+
+    def reap(run, proc, started, log):
+        log.close()
+        status = _read_status(workdir, run)
+        wall = float(status.get("wall_seconds", 0.0) or 0.0) + (time.time() - started)
+        ok = proc.returncode == 0 and is_finished(workdir, run)
+        new = {"status": "ok" if ok else "failed", "returncode": proc.returncode,
+               "wall_seconds": round(wall, 2)}
+        if not ok:
+            new["error"] = _error_tail(run_dir(workdir, run) / "train.log")
+        _write_status(workdir, run, new)
+        summary[new["status"]] += 1
+        collect(workdir, runs, shapes)
+        echo(f"  {new['status']:6s} {run.run_id} ({wall:.0f}s)"
+             + (f": {new['error']}" if not ok else ""))
+
+    queue = list(todo)
+    try:
+        while queue or active:
+            while queue and len(active) < max(1, parallel):
+                run = queue.pop(0)
+                log = open(run_dir(workdir, run) / "train.log", "a")
+                log.write(f"\n=== sweep launch {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                log.flush()
+                proc = subprocess.Popen(launch_command(workdir, run), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                active[run.run_id] = (run, proc, time.time(), log)
+                echo(f"  start  {run.run_id} ({run.config['steps']} steps)")
+            time.sleep(0.2)
+            for rid, (run, proc, started, log) in list(active.items()):
+                if proc.poll() is not None:
+                    del active[rid]
+                    reap(run, proc, started, log)
+    except KeyboardInterrupt:
+        # SIGTERM makes train save a checkpoint at the next step and exit; a rerun resumes.
+        for run, proc, started, log in active.values():
+            proc.send_signal(signal.SIGTERM)
+        for run, proc, started, log in active.values():
+            proc.wait()
+            log.close()
+        raise
+    return summary
+
+
+# --------------------------------------------------------------------------- fit and check
+
+def fit_and_predict(workdir, out_dir=None) -> dict:
+    """Approaches 2 and 3 on DIR/results.csv; predicted vs observed loss of the holdout runs."""
+    import numpy as np
+
+    from loam.scaling import fit as fit_lib
+
+    workdir = Path(workdir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = fit_lib.load_results(workdir / RESULTS_FILE)
+        report, objects = fit_lib.fit_table(table, approaches=(2, 3), required=False)
+    report["warnings"] = [str(w.message) for w in caught]
+    if out_dir:
+        report["plots"] = [str(p) for p in fit_lib.plot_fits(table, objects, out_dir)]
+    predictions = []
+    if (workdir / HOLDOUT_FILE).is_file():
+        with open(workdir / HOLDOUT_FILE, newline="") as f:
+            held = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
+        for r in held:
+            N, D = float(r["N"]), float(r["D"])
+            entry = {"run_id": r["run_id"], "N": N, "D": D, "C": 6 * N * D}
+            for col, objs in objects.items():
+                if 3 not in objs or not r.get(col):
+                    continue
+                observed = float(r[col])
+                predicted = float(objs[3].law.loss(N, D))
+                entry[col] = {"observed": observed, "predicted": predicted,
+                              "error": predicted - observed,
+                              "relative_error": (predicted - observed) / observed}
+            a2 = objects.get("loss", {}).get(2)
+            if a2 is not None:
+                entry["approach2_N_opt_at_C"] = float(a2.n_opt(np.array([6 * N * D]))[0])
+            predictions.append(entry)
+    report["holdout"] = predictions
+    return report
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loam.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep file, FILE[:ARG]")
+    parser.add_argument("--workdir", required=True, help="sweep directory (runs/, results.csv)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    parser.add_argument("--runs", default="all", choices=["all", "grid", "holdout"])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print one launch command per run")
+    mode.add_argument("--collect", action="store_true", help="only rebuild the results tables")
+    mode.add_argument("--fit", action="store_true",
+                      help="fit approaches 2 and 3 to results.csv and predict the holdout runs")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.config)
+        runs = expand(sweep)
+        if args.runs != "all":
+            runs = [r for r in runs if r.holdout == (args.runs == "holdout")]
+        if args.list:
+            for run in runs:
+                materialise(args.workdir, run)
+                print(shlex.join(launch_command(args.workdir, run)))
+            return 0
+        if args.collect:
+            print(json.dumps(collect(args.workdir, runs)))
+            return 0
+        if args.fit:
+            report = fit_and_predict(args.workdir, Path(args.workdir) / "fit")
+            for w in report["warnings"]:
+                print(f"warning: {w}", file=sys.stderr)
+            (Path(args.workdir) / "fit" / "fit.json").write_text(json.dumps(report, indent=1))
+            print(json.dumps(report))
+            return 0
+        summary = run_sweep(args.workdir, runs, args.parallel)
+    except (ValueError, OSError) as e:  # SweepError and ScalingFitError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: running runs saved checkpoints; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
