@@ -36,7 +36,6 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import math
 import os
 import re
 import shlex
@@ -465,8 +464,12 @@ def fit_and_predict(workdir, out_dir=None) -> dict:
     workdir = Path(workdir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = fit_lib.load_results(workdir / RESULTS_FILE)
-        report, objects = fit_lib.fit_table(table, approaches=(2, 3), required=False)
+        try:
+            table = fit_lib.load_results(workdir / RESULTS_FILE)
+            report, objects = fit_lib.fit_table(table, approaches=(2, 3), required=False)
+        except ValueError as e:  # say which runs were dropped before why the fit stopped
+            notes = "".join(f"{w.message}; " for w in caught)
+            raise SweepError(f"{notes}{e}") from None
     report["warnings"] = [str(w.message) for w in caught]
     if out_dir:
         report["plots"] = [str(p) for p in fit_lib.plot_fits(table, objects, out_dir)]

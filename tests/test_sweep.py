@@ -10,7 +10,6 @@ import os
 import shlex
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import ml_collections
@@ -148,7 +147,7 @@ def _table(path):
         return list(csv.DictReader(f))
 
 
-def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path):
+def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, capsys):
     cfg = tmp_path / "s.py"
     cfg.write_text(SWEEP_FILE)
     work = tmp_path / "w"
@@ -188,14 +187,13 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path):
     assert bad["status"] == "failed" and "bogus" in bad["error"] and bad["loss"] == ""
 
     # The fitter reads the table, drops the failed row and says so; two runs are too few.
-    fit = subprocess.run([sys.executable, "-m", "loam.scaling.fit", "--results", str(work)],
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                         text=True, timeout=300)
-    assert fit.returncode == 2
-    assert "status is not 'ok'" in fit.stderr and "needs at least" in fit.stderr
+    from loam.scaling import fit as fit_lib
+    assert fit_lib.main(["--results", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "status is not 'ok'" in err and "needs at least" in err
 
     # --collect rebuilds the same table from the run directories.
     before = (work / "results.csv").read_text()
     (work / "results.csv").unlink()
-    assert _cli("--config", str(cfg), "--workdir", str(work), "--collect").returncode == 0
+    assert sweep.main(["--config", str(cfg), "--workdir", str(work), "--collect"]) == 0
     assert (work / "results.csv").read_text() == before

@@ -237,6 +237,7 @@ def main(argv=None) -> int:
                       help="drop the K highest-loss runs (the replication protocol uses 5)")
   args = parser.parse_args(argv)
   approaches = (1, 2, 3) if args.approach == "all" else (int(args.approach),)
+  caught, shown = [], False
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
                                   seed=args.seed, required=args.approach != "all")
     for w in caught:
       print(f"warning: {w.message}", file=sys.stderr)
+    shown = True
     report["warnings"] = [str(w.message) for w in caught]
     if args.out:
       out = pathlib.Path(args.out)
@@ -252,6 +254,9 @@ def main(argv=None) -> int:
       report["plots"] = [str(p) for p in plot_fits(table, objects, out)]
       (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
   except (ValueError, OSError) as e:  # ScalingFitError is a ValueError
+    if not shown:  # e.g. that failed runs were dropped, before the reason the fit stopped
+      for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(report))
