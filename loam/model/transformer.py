@@ -65,6 +65,12 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, names)
 
 
+def project(x_NxI: Array, w: Array, dtype) -> Array:
+    """x @ w with w flattened to 2-D [I, O]: token-major 2-D matmuls (and their transposes in
+    the backward pass) run ~1.5x faster on XLA:CPU than the equivalent 3-D einsums."""
+    return jnp.dot(x_NxI, w.reshape(x_NxI.shape[-1], -1).astype(dtype))
+
+
 def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig) -> Array:
     return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.weight_dtype)
 
@@ -127,17 +133,17 @@ class Attention(nn.Module):
                           ("embed", "kv_heads", "kv"), cfg)
         wo_HxKxD = _param(self, "out", _fan_in_init((0, 1), 2), (h, k, d),
                           ("heads", "kv", "embed"), cfg)
-        x = x_BxLxD.astype(dt)
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, wq_DxHxK.astype(dt))
-        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, wk_DxGxK.astype(dt))
-        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, wv_DxGxK.astype(dt))
+        b, length = x_BxLxD.shape[:2]
+        x_NxD = x_BxLxD.astype(dt).reshape(b * length, d)  # N = B*L tokens
+        q_BxLxHxK = project(x_NxD, wq_DxHxK, dt).reshape(b, length, h, k)
+        k_BxLxGxK = project(x_NxD, wk_DxGxK, dt).reshape(b, length, kvh, k)
+        v_BxLxGxK = project(x_NxD, wv_DxGxK, dt).reshape(b, length, kvh, k)
         q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
         k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
         q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta) * (k ** -0.5)
         k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
 
-        b, length = x.shape[:2]
         q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kvh, g, k)  # R = query heads per kv head
         scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
                             preferred_element_type=jnp.float32)
@@ -146,7 +152,8 @@ class Attention(nn.Module):
         out_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_BxLxGxK)
         out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(b, length, h, k),
                                 ("batch", "length", "heads", "kv"))
-        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, wo_HxKxD.astype(dt))
+        out_NxD = project(out_BxLxHxK.reshape(b * length, h * k), wo_HxKxD, dt)
+        return out_NxD.reshape(b, length, d)
 
 
 class Mlp(nn.Module):
@@ -162,11 +169,14 @@ class Mlp(nn.Module):
         w_gate_DxF = _param(self, "gate", _fan_in_init(0, 1), shape, names, cfg)
         w_up_DxF = _param(self, "up", _fan_in_init(0, 1), shape, names, cfg)
         w_down_FxD = _param(self, "down", _fan_in_init(0, 1), shape[::-1], names[::-1], cfg)
-        x = x_BxLxD.astype(dt)
-        gate_BxLxF = jnp.einsum("bld,df->blf", x, w_gate_DxF.astype(dt))
-        up_BxLxF = jnp.einsum("bld,df->blf", x, w_up_DxF.astype(dt))
-        h_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fd->bld", h_BxLxF, w_down_FxD.astype(dt))
+        b, length = x_BxLxD.shape[:2]
+        x_NxD = x_BxLxD.astype(dt).reshape(b * length, cfg.d_model)
+        gate_NxF = project(x_NxD, w_gate_DxF, dt)
+        up_NxF = project(x_NxD, w_up_DxF, dt)
+        h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(b, length, cfg.mlp_dim),
+                            ("batch", "length", "mlp"))
+        out_NxD = project(h_BxLxF.reshape(b * length, cfg.mlp_dim), w_down_FxD, dt)
+        return out_NxD.reshape(b, length, cfg.d_model)
 
 
 class Block(nn.Module):
@@ -217,10 +227,13 @@ class Transformer(nn.Module):
         x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
 
         dt = cfg.compute_dtype
+        x_NxD = x_BxLxD.reshape(b * length, cfg.d_model)
         if cfg.tied_embeddings:
-            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dt))
+            logits_NxV = jax.lax.dot_general(x_NxD, embedding_VxD.astype(dt),
+                                             (((1,), (1,)), ((), ())))
         else:
             unembed_DxV = _param(self, "unembed", _fan_in_init(0, 1),
                                  (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dt))
+            logits_NxV = project(x_NxD, unembed_DxV, dt)
+        logits_BxLxV = logits_NxV.reshape(b, length, cfg.vocab_size)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))

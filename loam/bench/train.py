@@ -1,0 +1,134 @@
+"""Train-step throughput and model FLOP utilisation, measured against this process's matmul peak.
+
+    python -m loam.bench.train [--quick] [--runs mini,peer-a,small]
+
+Prints one JSON line per model, then one JSON object {"runs": [...], ...} as the last line.
+Batches are synthetic (uniform random tokens, one full-length segment per row): throughput does
+not depend on token values, and the bench then needs no corpus. The step is the real one
+(loam.step.make_train_step: AdamW, clipping, z-loss, per-domain sums), on a 1-device mesh,
+dispatched ahead: step i+1 is queued before step i's loss is fetched, as the training loop does.
+
+MFU = flops_per_token * tokens_per_s / matmul_peak, with flops_per_token from
+loam.model.sizes (6N + 12 L d T) and the peak the best float32 2048x2048 matmul seen here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from loam import perf
+from loam import step as st
+from loam.model import sharding as shd
+from loam.model import sizes
+from loam.model.transformer import Transformer
+
+# name -> (size, vocab, seq_len, batch, overrides). "mini" is the default job's model
+# (loam/configs/default.py: untied embeddings, seq 256, batch 16).
+RUNS = {
+    "mini": ("mini", 8192, 256, 16, {"tied_embeddings": False}),
+    "peer-a": ("peer-a", 16384, 256, 16, {}),
+    "small": ("small", 8192, 256, 16, {}),
+}
+# Timed steps per run (after one warm-up step): keeps the whole bench near 2 minutes here.
+TIMED_STEPS = {"mini": 5, "peer-a": 3, "small": 2}
+
+
+def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (batch, seq_len + 1)).astype(np.int32)
+    return {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "loss_weights": np.ones((batch, seq_len), np.float32),
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+        "prefix": np.zeros((batch, seq_len), np.int32),
+        "domain_ids": rng.integers(0, 5, (batch, seq_len)).astype(np.int32),
+    }
+
+
+def bench_run(name: str, steps: int, peak: float) -> dict:
+    size, vocab, seq_len, batch_size, overrides = RUNS[name]
+    cfg = sizes.get_size(size, vocab, max_len=seq_len, **overrides)
+    model = Transformer(cfg)
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    optimizer = st.make_optimizer(st.lr_schedule("cosine", 1e-3, 1000, 10))
+    state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, seq_len,
+                                     batch_size)
+    train_step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5,
+                                    z_loss=1e-4)
+    batch = shd.shard_batch(_batch(vocab, batch_size, seq_len), mesh)
+
+    t = time.perf_counter()
+    with shd.activate(mesh):
+        compiled = train_step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+
+    state, metrics = compiled(state, batch)  # warm-up (first execution allocates)
+    first_loss = float(metrics["loss"])
+    ready, pending = [time.perf_counter()], None
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        if pending is not None:
+            pending["loss"].block_until_ready()
+            ready.append(time.perf_counter())
+        pending = metrics
+    pending["loss"].block_until_ready()
+    ready.append(time.perf_counter())
+    step_times = np.diff(ready)
+    tokens_per_s = batch_size * seq_len * steps / (ready[-1] - ready[0])
+    fpt = sizes.flops_per_token(cfg, seq_len)
+    counts = sizes.count_params(cfg)
+    mem = jax.devices()[0].memory_stats() or {}
+    return {
+        "name": name, "size": size, "vocab": vocab, "seq_len": seq_len, "batch": batch_size,
+        "tied_embeddings": cfg.tied_embeddings, "dtype": cfg.dtype,
+        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "flops_per_token": fpt, "steps": steps, "compile_s": round(compile_s, 2),
+        "step_time_median_s": float(np.median(step_times)),
+        "step_time_min_s": float(step_times.min()), "step_time_max_s": float(step_times.max()),
+        "tokens_per_s": tokens_per_s, "mfu": fpt * tokens_per_s / peak,
+        "matmul_peak_flops": peak,
+        "loss_first": first_loss, "loss_last": float(pending["loss"]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device_peak_bytes": mem.get("peak_bytes_in_use"),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per run (0: auto)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        print(f"unknown run(s) {unknown}; choose from {list(RUNS)}", file=sys.stderr)
+        return 2
+    peak = perf.matmul_peak_flops(2048, 8)
+    runs = []
+    for name in names:
+        steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
+        run = bench_run(name, steps, peak)
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    print(json.dumps({
+        "runs": runs, "matmul_peak_flops": peak, "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "batches": "synthetic uniform random tokens, one segment per row",
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
