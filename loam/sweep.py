@@ -25,7 +25,11 @@ argument is this file reading the resolved config from DIR/runs/<run id>/sweep_r
 id is a readable name plus a hash of the run's own axis values, so editing one axis value changes
 only the ids of the runs that use it. Rerunning a sweep skips finished runs (final checkpoint and
 final eval present, same config) and lets train resume the others from their checkpoints; failed
-runs are retried. Each finished run is a row of DIR/results.csv, rewritten atomically.
+runs are retried. Each finished run is a row of DIR/results.csv, rewritten atomically:
+  run_id, status (ok | failed), the run's axis values, N (non-embedding) and N_total, D (tokens
+  trained: steps * batch_size * seq_len), C = 6ND, C_attn = D * sizes.flops_per_token (output
+  projection and the attention scores included), steps and model shape, loss (mean over domains)
+  and loss/<domain> from the final eval, wall_seconds (summed over attempts), error (log tail).
 """
 
 from __future__ import annotations
