@@ -39,7 +39,7 @@ RUNS = {
     "small": ("small", 8192, 256, 16, {}),
 }
 # Timed steps per run (after one warm-up step): keeps the whole bench near 2 minutes here.
-TIMED_STEPS = {"mini": 5, "peer-a": 3, "small": 2}
+TIMED_STEPS = {"mini": 4, "peer-a": 2, "small": 2}
 
 
 def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
