@@ -141,3 +141,21 @@ def test_written_proposal_is_a_train_config(tmp_path):
     from loam.data import mixture
     sched = mixture.schedule_from_config(c)
     np.testing.assert_allclose(sched.weights_at(0), [0.7, 0.3])
+
+
+def test_mixsearch_rejects_bad_configs_before_training(tmp_path):
+    from loam import mixsearch
+    from loam.configs import regmix as regmix_config
+
+    c = regmix_config.get_config("runlocal,target=poetry")
+    with pytest.raises(regmix.MixSearchError, match="unknown target 'poetry'"):
+        mixsearch.run(c, tmp_path / "a")
+    c = regmix_config.get_config("runlocal")
+    c.search.num_proxies = 5
+    with pytest.raises(regmix.MixSearchError, match="only 5 usable proxies configured"):
+        mixsearch.run(c, tmp_path / "b")
+    c = regmix_config.get_config("runlocal")
+    c.target.steps, c.search.max_epochs = 100_000, 0.5
+    with pytest.raises(regmix.MixSearchError, match="cannot respect 0.5 epochs"):
+        mixsearch.run(c, tmp_path / "c")
+    assert not (tmp_path / "c" / "proxies").exists()

@@ -33,18 +33,25 @@ MEMBERS = [sw.Member({"code": 1.0, "literature": 1.0}, seed=0, name="a"),
            sw.Member("uniform", seed=3, lr=1e30, name="diverges")]
 
 
+_STEPS = {}  # compiled ordinary steps by learning rate (members a and c share one)
+
+
 def separate_run_losses(config, member, steps):
     """Losses of the ordinary single-run pieces (loam.train / loam.step) for one member."""
     mc = sw.member_config(config, member)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     stream = train_lib.build_stream(mc)
     o = mc.optim
-    opt = step_lib.make_optimizer(train_lib.lr_schedule(mc), weight_decay=o.weight_decay,
-                                  b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
-    model = train_lib.Transformer(train_lib.build_model_config(mc, 8192))
-    state, shardings = step_lib.init_state(model, opt, jax.random.PRNGKey(mc.seed), mesh,
-                                           mc.data.seq_len, mc.data.batch_size)
-    train_step = step_lib.make_train_step(model, opt, mesh, shardings, 5, z_loss=o.z_loss)
+    if o.lr not in _STEPS:
+        opt = step_lib.make_optimizer(train_lib.lr_schedule(mc), weight_decay=o.weight_decay,
+                                      b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
+        model = train_lib.Transformer(train_lib.build_model_config(mc, 8192))
+        _, shardings = step_lib.abstract_state(model, opt, mesh, mc.data.seq_len)
+        _STEPS[o.lr] = (model, opt, step_lib.make_train_step(model, opt, mesh, shardings, 5,
+                                                             z_loss=o.z_loss))
+    model, opt, train_step = _STEPS[o.lr]
+    state, _ = step_lib.init_state(model, opt, jax.random.PRNGKey(mc.seed), mesh,
+                                   mc.data.seq_len, mc.data.batch_size)
     out = []
     for t in range(steps):
         state, m = train_step(state, sharding.shard_batch(stream.batch(t), mesh))

@@ -39,6 +39,7 @@ from loam.model import sharding
 from loam.model.transformer import Transformer
 
 MEMBER_AXIS = "data"  # mesh axis the member dimension is sharded over
+_COMPILED: dict = {}  # compiled steps shared by swarms of equal signature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,24 +198,38 @@ class Swarm:
         return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
                 ok, metrics)
 
+    def _signature(self) -> str:
+        """What the compiled step depends on besides its arguments: swarms with equal
+        signatures share one compilation (a mixture search trains many such swarms)."""
+        c = self.config
+        return json.dumps({"model": dataclasses.asdict(self.model_cfg), "k": self.k,
+                           "optim": c.optim.to_dict(), "steps": int(c.steps),
+                           "mesh": [str(self.mesh.devices.tolist()), dict(self.mesh.shape)]},
+                          sort_keys=True, default=str)
+
     def make_train_step(self, state_shardings: SwarmState):
-        def train_step(state: SwarmState, batch):
+        def train_step(state: SwarmState, batch, lrs):
             params, opt, ok, metrics = jax.vmap(self._member_step)(
-                state.params, state.opt_state, state.alive, jnp.asarray(self.lrs), batch)
+                state.params, state.opt_state, state.alive, lrs, batch)
             newly_dead = state.alive & ~ok
             diverged_at = jnp.where(newly_dead, state.step, state.diverged_at)
             metrics["alive"] = ok
             return SwarmState(step=state.step + 1, params=params, opt_state=opt, alive=ok,
                               diverged_at=diverged_at), metrics
 
-        return jax.jit(train_step, in_shardings=(state_shardings, self._stacked),
+        return jax.jit(train_step,
+                       in_shardings=(state_shardings, self._stacked, self._stacked),
                        out_shardings=(state_shardings, self._replicated), donate_argnums=0)
 
     def train_step(self, state: SwarmState, batch):
         """(state, batch [K, B, L] features) -> (state, metrics [K, ...]); state is donated."""
         if self._train_step is None:
-            self._train_step = self.make_train_step(self.shardings(state))
-        return self._train_step(state, batch)
+            key = ("train", self._signature())
+            if key not in _COMPILED:
+                _COMPILED[key] = self.make_train_step(self.shardings(state))
+            self._train_step = _COMPILED[key]
+            self._lrs = jax.device_put(self.lrs, self._stacked)
+        return self._train_step(state, batch, self._lrs)
 
     # -- data
 
@@ -256,7 +271,10 @@ class Swarm:
                     _, aux = step_lib._loss_sums(p, self.model, batch, self.num_domains, 0.0)
                     return aux["loss_sum"]
                 return jax.vmap(one)(params)
-            self._eval_step = jax.jit(eval_step, out_shardings=self._replicated)
+            key = ("eval", self._signature())
+            if key not in _COMPILED:
+                _COMPILED[key] = jax.jit(eval_step, out_shardings=self._replicated)
+            self._eval_step = _COMPILED[key]
         out = {}
         for d, batches, tokens in self.eval_sets(domains):
             total = np.zeros(self.k)
