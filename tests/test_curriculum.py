@@ -15,7 +15,7 @@ import pytest
 
 from loam.data import curriculum, mixture, objectives
 from loam.selection import columns
-from test_train import ROOT, _env, losses
+from test_train import ROOT, _env, losses, rewind
 
 DOMAINS = ["literature", "dialogue", "code", "docs", "reference"]
 
@@ -176,16 +176,6 @@ def run(workdir, *extra, config=CUR, check=True):
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-def rewind(workdir, step):
-    """The state of a run killed right after its checkpoint at `step`."""
-    for p in (workdir / "checkpoints").iterdir():
-        if p.name.isdigit() and int(p.name) > step:
-            shutil.rmtree(p)
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    (workdir / "metrics.jsonl").write_text(
-        "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,8 +108,19 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), s
 
 
+def rewind(workdir, step):
+    """The state of a run killed right after its checkpoint at `step`."""
+    for p in (workdir / "checkpoints").iterdir():
+        if p.name.isdigit() and int(p.name) > step:
+            shutil.rmtree(p)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text(
+        "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+
+
 def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path):
-    run_train(tmp_path, "--config.steps=8")
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    rewind(tmp_path, 8)
     latest = tmp_path / "checkpoints" / "8"
     # Damage every array file of the newest checkpoint's state.
     damaged = 0
@@ -117,7 +129,7 @@ def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path):
             f.write_bytes(b"\x00" * f.stat().st_size)
             damaged += 1
     assert damaged
-    proc = run_train(tmp_path, "--config.steps=12")
+    proc = run_train(tmp_path)
     assert "checkpoint 8 is corrupt or incomplete" in proc.stdout
     assert "resumed from checkpoint at step 4" in proc.stdout
     ref, got = losses(reference_run), losses(tmp_path)
@@ -153,9 +165,9 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 
 def test_resume_on_a_different_mesh(reference_run, tmp_path):
-    run_train(tmp_path, "--config.steps=8")
-    run_train(tmp_path, "--config.steps=12", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-              "--config.mesh.tensor=2")
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    rewind(tmp_path, 8)
+    run_train(tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     ref, got = losses(reference_run), losses(tmp_path)
     for s in range(9, 13):
         assert got[s] == pytest.approx(ref[s], rel=1e-4), s
