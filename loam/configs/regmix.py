@@ -70,6 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.search.num_proxies, c.search.swarm_size = 16, 8
         c.search.num_candidates = 100_000
         c.search.top_k = 20
-        c.target.size, c.target.steps = "nano", 8
+        c.target.size, c.target.steps, c.target.warmup_steps = "nano", 8, 2
         c.target.seq_len, c.target.batch_size = 32, 4
     return c
