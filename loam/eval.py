@@ -97,7 +97,7 @@ class Evaluator:
         if self.stream is not None:
             record["mixture_weights"] = dict(zip(
                 self.domains, map(float, self.stream.weights_at(max(step - 1, 0)))))
-        if writer is not None:
+        if writer is not None and writer.enabled:  # process 0 of a multi-process run
             writer.write(step, record)
             writer.flush()
             out = Path(out_dir or writer.workdir / "eval")

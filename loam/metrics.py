@@ -41,9 +41,9 @@ class MetricWriter:
     def __init__(self, workdir: str | Path, subdir: str = "train", jsonl: str = "metrics.jsonl",
                  enabled: bool = True):
         self.enabled = enabled
+        self.workdir = Path(workdir)
         if not enabled:
             return
-        self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.workdir / jsonl, "a", buffering=1)
         self._tb = EventFileWriter(str(self.workdir / "tensorboard" / subdir))
