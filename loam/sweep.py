@@ -40,6 +40,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -475,6 +476,15 @@ def fit_and_predict(workdir, out_dir=None) -> dict:
             notes = "".join(f"{w.message}; " for w in caught)
             raise SweepError(f"{notes}{e}") from None
     report["warnings"] = [str(w.message) for w in caught]
+    for col, objs in objects.items():  # a vertex outside the sizes trained is an extrapolation
+        for budget, (c2, c1, _), rows in getattr(objs.get(2), "details", ()):
+            n_opt, sizes_run = math.exp(-c1 / (2 * c2)), table["N"][rows]
+            if not sizes_run.min() <= n_opt <= sizes_run.max():
+                report["warnings"].append(
+                    f"{col}: approach 2 places N_opt={n_opt:.3g} at C={budget:.3g} outside the "
+                    f"sizes trained there ({sizes_run.min():.3g}-{sizes_run.max():.3g}); the "
+                    "budget does not bracket the optimum, so add sizes on that side or raise "
+                    "the budget.")
     if out_dir:
         report["plots"] = [str(p) for p in fit_lib.plot_fits(table, objects, out_dir)]
     predictions = []

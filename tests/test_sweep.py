@@ -197,3 +197,35 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, ca
     (work / "results.csv").unlink()
     assert sweep.main(["--config", str(cfg), "--workdir", str(work), "--collect"]) == 0
     assert (work / "results.csv").read_text() == before
+
+
+def _write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("shift", [1.0, 16.0])
+def test_fit_predicts_holdout_and_flags_unbracketed_budgets(tmp_path, shift):
+    from loam.scaling.laws import ChinchillaLaw
+    law = ChinchillaLaw(E=1.8, A=480.0, B=2100.0, alpha=0.35, beta=0.37)
+    rows = []
+    for C in (1e18, 1e19, 1e20):
+        n_opt = float(law.compute_optimal(C)[0])
+        for k in (0.25, 0.5, 1.0, 2.0, 4.0):
+            N = n_opt * k * shift
+            D = C / (6 * N)
+            rows.append({"run_id": f"{C:g}-{k}", "status": "ok", "N": N, "D": D,
+                         "loss": float(law.loss(N, D))})
+    rows.append({"run_id": "broken", "status": "failed", "N": 1e8, "D": 1e9, "loss": ""})
+    _write_rows(tmp_path / "results.csv", rows)
+    N, D = 3e9, 6e10
+    _write_rows(tmp_path / "holdout.csv", [{"run_id": "big", "status": "ok", "N": N, "D": D,
+                                            "loss": float(law.loss(N, D))}])
+    report = sweep.fit_and_predict(tmp_path)
+    assert any("status is not 'ok'" in w for w in report["warnings"])
+    (held,) = report["holdout"]
+    assert abs(held["loss"]["relative_error"]) < 0.01
+    unbracketed = [w for w in report["warnings"] if "does not bracket" in w]
+    assert bool(unbracketed) == (shift > 1)
