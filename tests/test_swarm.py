@@ -59,11 +59,14 @@ def separate_run_losses(config, member, steps):
     return out
 
 
-def test_swarm_equals_separate_runs_and_freezes_diverging_member():
+@pytest.mark.parametrize("member_loop", ["map", "vmap"])
+def test_swarm_equals_separate_runs_and_freezes_diverging_member(member_loop):
     config = small_config()
-    swarm = sw.Swarm(config, MEMBERS)
+    swarm = sw.Swarm(config, MEMBERS, member_loop=member_loop)
     assert swarm.mesh.shape["data"] == min(4, jax.device_count())  # members split over devices
     state = swarm.init()
+    for leaf in jax.tree.leaves(state.params):  # the member axis is split over the devices
+        assert leaf.sharding.spec[0] == "data" and leaf.shape[0] == 4
     init_params = jax.device_get(state.params)
     losses, alive = [], []
     for t in range(STEPS):
@@ -93,7 +96,7 @@ def test_swarm_resume_is_exact(tmp_path, capsys):
     config = small_config(steps=4)
     members = MEMBERS[:2] + MEMBERS[3:]
     ref = sw.train_swarm(config, members, tmp_path / "ref", eval_domains=["code", "docs"],
-                         verbose=False)
+                         verbose=False, member_loop="vmap")
     assert "member 2 (diverges) diverged at step 0" in capsys.readouterr().out
     assert [m["alive"] for m in ref["members"]] == [True, True, False]
     assert [m["finite"] for m in ref["members"]] == [True, True, False]
@@ -104,7 +107,7 @@ def test_swarm_resume_is_exact(tmp_path, capsys):
     shutil.rmtree(resumed / "checkpoints" / "4")
     (resumed / "results.json").unlink()
     again = sw.train_swarm(config, members, resumed, eval_domains=["code", "docs"],
-                           verbose=True)
+                           verbose=True, member_loop="vmap")
     assert "swarm resumed from checkpoint at step 2" in capsys.readouterr().out
     for a, b in zip(ref["members"], again["members"]):
         assert a["eval_loss"] == b["eval_loss"] and a["train_loss"] == b["train_loss"]
@@ -126,5 +129,7 @@ def test_swarm_bad_input():
     with pytest.raises(ValueError, match="not in the mixture's domains"):
         sw.Swarm(config, [sw.Member({"poetry": 1.0})])
     mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match="member_loop='scan'"):
+        sw.Swarm(config, MEMBERS[:1], member_loop="scan")
     with pytest.raises(ValueError, match="cannot be split"):
         sw.Swarm(config, MEMBERS[:3], mesh=mesh)

@@ -25,7 +25,7 @@ def _block(tree):
 
 
 def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4,
-        steps: int = 4, seed: int = 0) -> dict:
+        steps: int = 4, seed: int = 0, member_loop: str | None = None) -> dict:
     from loam import step as step_lib
     from loam import train as train_lib
     from loam.configs import default
@@ -39,7 +39,7 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
     domains = list(config.data.domains)
     members = [sw.Member(dict(zip(domains, rng.dirichlet(np.ones(len(domains))).tolist())),
                          seed=i) for i in range(k)]
-    swarm = sw.Swarm(config, members)
+    swarm = sw.Swarm(config, members, member_loop=member_loop)
     model_cfg = swarm.model_cfg
     counts = sizes.count_params(model_cfg)
     print(json.dumps({"k": k, "size": size, "seq_len": seq_len, "batch_size": batch_size,
@@ -100,7 +100,7 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
         "k": k, "params_per_member": counts["non_embedding"],
         "params_total_per_member": counts["total"], "size": size, "seq_len": seq_len,
         "batch_size": batch_size, "timed_steps": steps, "devices": jax.device_count(),
-        "member_shards": swarm.shards,
+        "member_shards": swarm.shards, "member_loop": swarm.member_loop,
         "swarm_tokens_per_s": tokens / swarm_s,
         "sequential_tokens_per_s": tokens / seq_s,
         "speedup": seq_s / swarm_s,
@@ -118,8 +118,11 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--member_loop", choices=["vmap", "map"], default=None,
+                   help="how each device runs its members (default: map on CPU, else vmap)")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.k, a.size, a.seq_len, a.batch_size, a.steps)), flush=True)
+    print(json.dumps(run(a.k, a.size, a.seq_len, a.batch_size, a.steps,
+                         member_loop=a.member_loop)), flush=True)
 
 
 if __name__ == "__main__":

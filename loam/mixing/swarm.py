@@ -80,6 +80,17 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
     return c
 
 
+MEMBER_LOOPS = ("vmap", "map")
+
+
+def default_member_loop() -> str:
+    """How a device runs its members. "vmap" batches them into one set of kernels, which fills
+    an accelerator. On CPU the batched embedding gather/scatter and batched matmuls are slower
+    than the same work member by member, so there "map" (lax.map: one member after another,
+    unbatched, inside the same compiled step) is the default."""
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
 def _member_shards(k: int, devices: int) -> int:
     """Largest divisor of k that fits the devices: how many ways the member axis is split."""
     return max(d for d in range(1, min(k, devices) + 1) if k % d == 0)
@@ -96,7 +107,7 @@ class Swarm:
     ``config``; each with its own weights, seed and peak learning rate."""
 
     def __init__(self, config, members: Sequence[Member], mesh: Mesh | None = None,
-                 build_streams: bool = True):
+                 build_streams: bool = True, member_loop: str | None = None):
         from loam import train as train_lib  # the single-run builders, reused as they are
         from loam.data import vocab as vocab_lib
 
@@ -109,6 +120,10 @@ class Swarm:
             raise ValueError("swarms do not accumulate gradients; set optim.accum_steps=1 and "
                              "lower data.batch_size instead")
         self.config, self.members, self.k = config, members, len(members)
+        self.member_loop = member_loop or default_member_loop()
+        if self.member_loop not in MEMBER_LOOPS:
+            raise ValueError(f"member_loop={self.member_loop!r}; choose one of "
+                             f"{', '.join(MEMBER_LOOPS)}")
         self.configs = [member_config(config, m) for m in members]
         self.mesh = mesh if mesh is not None else swarm_mesh(self.k)
         self.shards = self.mesh.shape[MEMBER_AXIS]
@@ -203,13 +218,29 @@ class Swarm:
         signatures share one compilation (a mixture search trains many such swarms)."""
         c = self.config
         return json.dumps({"model": dataclasses.asdict(self.model_cfg), "k": self.k,
+                           "member_loop": self.member_loop,
                            "optim": c.optim.to_dict(), "steps": int(c.steps),
                            "mesh": [str(self.mesh.devices.tolist()), dict(self.mesh.shape)]},
                           sort_keys=True, default=str)
 
+    def _over_members(self, fn):
+        """fn of one member -> fn of the stacked members: vmapped or mapped on each device, and
+        split over the mesh's member axis with shard_map (members never talk to each other)."""
+        if self.member_loop == "vmap":
+            local = jax.vmap(fn)
+        else:
+            def local(*args):
+                return jax.lax.map(lambda a: fn(*a), args)
+        if self.shards == 1:
+            return local
+        return jax.shard_map(local, mesh=self.mesh, in_specs=P(MEMBER_AXIS),
+                             out_specs=P(MEMBER_AXIS), check_vma=False)
+
     def make_train_step(self, state_shardings: SwarmState):
+        members_step = self._over_members(self._member_step)
+
         def train_step(state: SwarmState, batch, lrs):
-            params, opt, ok, metrics = jax.vmap(self._member_step)(
+            params, opt, ok, metrics = members_step(
                 state.params, state.opt_state, state.alive, lrs, batch)
             newly_dead = state.alive & ~ok
             diverged_at = jnp.where(newly_dead, state.step, state.diverged_at)
@@ -267,10 +298,11 @@ class Swarm:
         """Validation loss of every member on every domain: {domain: [K] losses}."""
         if self._eval_step is None:
             def eval_step(params, batch):
-                def one(p):
-                    _, aux = step_lib._loss_sums(p, self.model, batch, self.num_domains, 0.0)
+                def one(p, b):
+                    _, aux = step_lib._loss_sums(p, self.model, b, self.num_domains, 0.0)
                     return aux["loss_sum"]
-                return jax.vmap(one)(params)
+                tiled = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.k,) + x.shape), batch)
+                return self._over_members(one)(params, tiled)
             key = ("eval", self._signature())
             if key not in _COMPILED:
                 _COMPILED[key] = jax.jit(eval_step, out_shardings=self._replicated)
@@ -298,7 +330,7 @@ def _member_losses(m: dict, domain_ids: Sequence[int], domains: Sequence[str]) -
 
 def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                 eval_domains: Sequence[str] | None = None, mesh: Mesh | None = None,
-                verbose: bool = True) -> dict:
+                verbose: bool = True, member_loop: str | None = None) -> dict:
     """Trains (or resumes) a swarm in ``workdir``; returns and writes ``results.json``:
     per member its config, final train loss, per-domain eval losses, and divergence.
 
@@ -315,7 +347,7 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                          "or config); use a new workdir or restore the original settings")
     spec_path.write_text(json.dumps(spec, indent=1))
 
-    swarm = Swarm(config, members, mesh=mesh)
+    swarm = Swarm(config, members, mesh=mesh, member_loop=member_loop)
     state = swarm.init()
     shardings = swarm.shardings(state)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
