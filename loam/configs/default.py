@@ -1,4 +1,4 @@
-"""The default job: a 3.1M-parameter model on the bundled five-domain mixture (≈1.6M tokens).
+"""The default job: a 3.1M-parameter model on the bundled five-domain mixture (≈1.2M tokens).
 
     python -m loam.train --config loam/configs/default.py --workdir runs/default
     python -m loam.train --config loam/configs/default.py:size=small,steps=5000 --workdir ...
@@ -26,7 +26,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, size="tiny", steps=400, seq_len=256, batch_size=16, runlocal=False)
+    a = parse_arg(arg, size="tiny", steps=300, seq_len=256, batch_size=16, runlocal=False)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = a.steps
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
     c.optim.schedule = "cosine"  # cosine | wsd | constant
-    c.optim.warmup_steps = 40
+    c.optim.warmup_steps = 30
     c.optim.final_lr_fraction = 0.1
     c.optim.decay_fraction = 0.2  # wsd: length of the final decay
     c.optim.weight_decay = 0.1
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.log_every = 1  # metrics.jsonl gets every step; the terminal every 10
-    c.eval_every = 200
+    c.eval_every = 150
     c.eval_tokens = 32768  # per domain; the held-out set is fixed by the config, not by time
     c.eval_batch_size = 16
     c.checkpoint_every = 100
