@@ -15,7 +15,7 @@ import pytest
 
 from loam.data import curriculum, mixture, objectives
 from loam.selection import columns
-from test_train import ROOT, _env, losses, rewind
+from test_train import ROOT, _env, losses, rewind, run_train
 
 DOMAINS = ["literature", "dialogue", "code", "docs", "reference"]
 
@@ -170,12 +170,7 @@ RUN = ["--config.model.size=nano", "--config.data.seq_len=64", "--config.data.ba
 
 
 def run(workdir, *extra, config=CUR, check=True):
-    proc = subprocess.run([sys.executable, "-m", "loam.train", f"--config={config}",
-                           f"--workdir={workdir}", *RUN, *extra], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return run_train(workdir, *extra, config=config, base=RUN, check=check)
 
 
 @pytest.fixture(scope="module")

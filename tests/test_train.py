@@ -31,9 +31,9 @@ def _env(devices: int = 8):
     return env
 
 
-def run_train(workdir, *extra, devices=8, check=True, **kw):
-    cmd = [sys.executable, "-m", "loam.train", f"--config={CONFIG}", f"--workdir={workdir}",
-           *SMALL, *extra]
+def run_train(workdir, *extra, devices=8, check=True, config=CONFIG, base=SMALL, **kw):
+    cmd = [sys.executable, "-m", "loam.train", f"--config={config}", f"--workdir={workdir}",
+           *base, *extra]
     proc = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=600,
                           **kw)
     if check and proc.returncode != 0:
