@@ -182,6 +182,8 @@ def validate(config, workdir: Path, report: dict, domains, eval_domains) -> None
         return
     names = [row["mixture"] for row in report["proposals"]]
     weights = {row["mixture"]: row["weights"] for row in report["proposals"]}
+    wanted = list(config.validate.get("mixtures", None) or names)
+    names = [n for n in names if n in wanted]
     members = [swarm_lib.Member(weights[n], seed=1000 + s, name=f"{n}/seed{s}")
                for n in names for s in range(seeds)]
     base = _target_config(config, weights[names[0]])
@@ -196,6 +198,8 @@ def validate(config, workdir: Path, report: dict, domains, eval_domains) -> None
             by_name[n].append(float(regmix.target_values([m["eval_loss"]],
                                                          config.search.target, domains)[0]))
     for row in report["proposals"]:
+        if row["mixture"] not in by_name:
+            continue
         v = by_name[row["mixture"]]
         row["validated"] = {"values": v, "mean": float(np.mean(v)) if v else float("nan"),
                             "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
@@ -247,17 +251,26 @@ def format_report(report: dict, domains) -> str:
     lines += ["", "| fit | held-out Spearman |", "|---|---|"]
     lines += [f"| {n} | {f['spearman']:.3f} |" for n, f in report["fits"].items()]
     preds = list(report["proposals"][0]["predicted"])
-    has_val = "validated" in report["proposals"][0]
+    has_val = any("validated" in row for row in report["proposals"])
+    base = next((r["validated"]["values"] for r in report["proposals"]
+                 if r["mixture"] == "uniform" and "validated" in r), None)
     head = ["mixture"] + domains + [f"pred. {p}" for p in preds] + (
-        ["validated (mean ± std)"] if has_val else [])
+        ["validated (mean ± std)", "vs uniform (paired mean ± s.e.)"] if has_val else [])
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["proposals"]:
         cells = [row["mixture"] + ("" if row["within_caps"] else " (exceeds caps)")]
         cells += [f"{row['weights'][d]:.3f}" for d in domains]
         cells += [f"{row['predicted'][p]:.4f}" for p in preds]
-        if has_val:
+        if has_val and "validated" not in row:
+            cells += ["—", "—"]
+        elif has_val:
             v = row["validated"]
             cells.append(f"{v['mean']:.4f} ± {v['std']:.4f} (n={len(v['values'])})")
+            if base is not None and len(base) == len(v["values"]) > 1:
+                d = np.asarray(v["values"]) - np.asarray(base)
+                cells.append(f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}")
+            else:
+                cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -274,6 +287,12 @@ def run(config, workdir: str | Path) -> dict:
     tdomains = regmix.target_domains(s.target, domains)
     eval_domains = list(dict.fromkeys(domains + tdomains))
     regmix.check_enough(s.num_proxies, len(domains), "proxies configured")
+    known = (["regmix"] + [f"regmix_{r}" for r in s.regressors if r != s.proposal]
+             + ["mixing_law"] + list(s.baselines))
+    unknown = [n for n in config.validate.get("mixtures", None) or [] if n not in known]
+    if unknown:
+        raise regmix.MixSearchError(f"validate.mixtures names {unknown}, which this search does "
+                                    f"not propose; choose from {known}")
     sizes = mixture.domain_sizes(domains, config.proxy.data.dir or None)
 
     R, upper = sample(config, workdir, domains, sizes)

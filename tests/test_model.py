@@ -109,11 +109,16 @@ def test_named_sizes_land_where_named():
     assert 0.08e6 < n("nano") < 0.15e6
     assert 0.8e6 < n("tiny") < 1.3e6
     assert 3e6 <= n("mini") <= 5e6
+    assert 9.5 < n("midi") / n("tiny") < 11
     assert 17e6 < n("small") < 23e6
     assert 0.9e9 < n("1b") < 1.1e9
     peer = sizes.get_size("peer-a", 16384)
-    assert (peer.d_model, peer.n_layers, peer.n_heads, peer.mlp_dim, peer.max_len) == (
-        384, 6, 6, 1536, 256)
+    assert (peer.d_model, peer.n_layers, peer.n_heads, peer.max_len) == (384, 6, 6, 256)
+    # SwiGLU matched to a GPT MLP of width 4d: 3 * d * mlp_dim == 2 * d * 4d.
+    assert 3 * peer.mlp_dim == 2 * 4 * peer.d_model
+    # = a bias-free GPT-2-style model of that shape, position table excluded (nanoGPT's count).
+    gpt = 6 * (12 * 384 ** 2 + 2 * 384) + 384 + 16384 * 384
+    assert sizes.count_params(peer)["total"] == gpt == 16_913_280
     with pytest.raises(ValueError, match="unknown model size"):
         sizes.get_size("huge")
 

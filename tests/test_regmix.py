@@ -159,3 +159,44 @@ def test_mixsearch_rejects_bad_configs_before_training(tmp_path):
     with pytest.raises(regmix.MixSearchError, match="cannot respect 0.5 epochs"):
         mixsearch.run(c, tmp_path / "c")
     assert not (tmp_path / "c" / "proxies").exists()
+    c = regmix_config.get_config("runlocal")
+    c.validate.mixtures = ["regmix", "best_guess"]
+    with pytest.raises(regmix.MixSearchError, match=r"validate.mixtures names \['best_guess'\]"):
+        mixsearch.run(c, tmp_path / "d")
+    assert not (tmp_path / "d" / "proxies").exists()
+
+
+def test_mixsearch_end_to_end_validates_and_resumes(tmp_path, capsys):
+    """The whole loop on the bundled corpus (miniature sizes): proxies, fits, proposals written as
+    configs, target-size validation with seeds, report and plots; a second call resumes."""
+    from loam import mixsearch
+    from loam.configs import regmix as regmix_config
+
+    c = regmix_config.get_config("runlocal,seeds=2")
+    report = mixsearch.run(c, tmp_path)
+    rows = {r["mixture"]: r for r in report["proposals"]}
+    assert {"regmix", "regmix_linear", "mixing_law", "uniform", "proportional",
+            "temperature:3"} <= set(rows)
+    for name in c.validate.mixtures:
+        v = rows[name]["validated"]
+        assert len(v["values"]) == 2 and all(np.isfinite(v["values"])), (name, v)
+        # Untrained nano models sit near ln(8192) = 9.01; eight steps must already move them.
+        assert 4.0 < v["mean"] < 9.0
+    assert "validated" not in rows["regmix_linear"]  # not asked for
+    # Seeds are paired across mixtures: same initialisation, different data.
+    val = tmp_path / "validate" / "results.json"
+    members = __import__("json").loads(val.read_text())["members"]
+    assert len(members) == 2 * len(c.validate.mixtures)
+    assert sorted({m["seed"] for m in members}) == [1000, 1001]
+    text = (tmp_path / "report.md").read_text()
+    assert "vs uniform (paired mean ± s.e.)" in text and "| uniform |" in text
+    for f in ("report.json", "proxies.jsonl", "predicted_vs_observed.png", "proposals.png",
+              "proposals/regmix.py", "proposals/mixing_law.py"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    capsys.readouterr()
+    again = mixsearch.run(c, tmp_path)  # resumes: every swarm is already finished
+    out = capsys.readouterr().out
+    assert "already finished" in out and "swarm step" not in out
+    assert [r["weights"] for r in again["proposals"]] == [r["weights"] for r in report["proposals"]]
+    assert ([r.get("validated") for r in again["proposals"]]
+            == [r.get("validated") for r in report["proposals"]])

@@ -17,7 +17,8 @@ from loam.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = default.parse_arg(arg, proxies=64, swarm=16, proxy_size="tiny", proxy_steps=200,
-                          target="mean", target_size="mini", target_steps=1200, seeds=0,
+                          target="mean", target_size="midi", target_steps=1200, target_seq_len=256,
+                          target_batch_size=16, seeds=0,
                           runlocal=False)
     c = ml_collections.ConfigDict()
 
@@ -52,13 +53,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.target = ml_collections.ConfigDict()
     c.target.size = a.target_size
     c.target.steps = a.target_steps
-    c.target.seq_len = 256
-    c.target.batch_size = 16
+    c.target.seq_len = a.target_seq_len
+    c.target.batch_size = a.target_batch_size
     c.target.lr = 3e-3
     c.target.warmup_steps = max(1, a.target_steps // 12)
 
     c.validate = ml_collections.ConfigDict()
-    c.validate.seeds = a.seeds  # 0: propose only; n: train n seeds of every proposal/baseline
+    c.validate.seeds = a.seeds  # 0: propose only; n: train n seeds of each mixture below
+    # Mixtures validated at the target size (names from the report; empty: every one).
+    c.validate.mixtures = ["regmix", "mixing_law", "uniform", "proportional"]
 
     if a.runlocal:
         c.proxy.model.size = "nano"

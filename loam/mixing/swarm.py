@@ -347,6 +347,12 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
         raise ValueError(f"{workdir} holds a different swarm (swarm.json differs: other members "
                          "or config); use a new workdir or restore the original settings")
     spec_path.write_text(json.dumps(spec, indent=1))
+    done = workdir / "results.json"
+    if done.exists():  # finished earlier with this very spec: nothing left to do
+        if verbose:
+            print(f"swarm in {workdir} already finished; results read from {done.name}",
+                  flush=True)
+        return json.loads(done.read_text())
 
     swarm = Swarm(config, members, mesh=mesh, member_loop=member_loop)
     state = swarm.init()

@@ -18,13 +18,17 @@ _SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "micro": (96, 3, 3, 3, 256, 1024),         # ~0.33M
     "tiny": (128, 4, 4, 4, 512, 1024),         # ~1.05M
     "mini": (256, 4, 4, 4, 768, 1024),         # ~3.4M (the default job's model)
+    "midi": (384, 6, 6, 6, 1024, 1024),        # ~10.6M (10x tiny: mixture-search targets)
     "small": (512, 6, 8, 8, 1408, 1024),       # ~19M
     "medium": (640, 10, 10, 10, 1728, 2048),   # ~50M
     "base": (768, 12, 12, 12, 2048, 2048),     # ~85M
     "large": (1024, 24, 16, 16, 2816, 2048),   # ~308M
     "1b": (2048, 16, 32, 8, 8192, 2048),       # ~0.97B, grouped-query (4 query heads per kv)
-    # A reference point from a peer codebase: vocab 16384, 6x384, 6 heads, MLP 4x, context 256.
-    "peer-a": (384, 6, 6, 6, 1536, 256),       # ~14.2M non-embedding, ~20.4M total (tied)
+    # A reference point shared with GPT-style peers (vocab 16384, 6x384, 6 heads, MLP 4x, context
+    # 256). Their MLP is two d x 4d matrices; the parameter- and FLOP-matched SwiGLU has three
+    # d x 8d/3 ones, so the counts equal a bias-free GPT's without its position table:
+    # 10,621,824 non-embedding, 16,913,280 in all (tied).
+    "peer-a": (384, 6, 6, 6, 1024, 256),
 }
 SIZE_NAMES = tuple(_SIZES)
 
