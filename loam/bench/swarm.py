@@ -96,6 +96,9 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
         del st
 
     tokens = steps * k * tokens_per_member_step
+    from loam import perf
+    peak = perf.matmul_peak_flops(2048, 5)
+    fpt = sizes.flops_per_token(model_cfg, seq_len)
     result = {
         "k": k, "params_per_member": counts["non_embedding"],
         "params_total_per_member": counts["total"], "size": size, "seq_len": seq_len,
@@ -104,6 +107,10 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
         "swarm_tokens_per_s": tokens / swarm_s,
         "sequential_tokens_per_s": tokens / seq_s,
         "speedup": seq_s / swarm_s,
+        # Model FLOP utilisation of each side against the float32 matmul peak seen here.
+        "flops_per_token": fpt, "matmul_peak_flops": peak,
+        "swarm_mfu": fpt * tokens / swarm_s / peak,
+        "sequential_mfu": fpt * tokens / seq_s / peak,
         "data_tokens_per_s": data_tokens_per_s,
         "swarm_compile_s": swarm_compile_s, "sequential_compile_s": seq_compile_s,
         "max_loss_difference": float(np.max(np.abs(swarm_losses - np.array(seq_losses)))),

@@ -198,21 +198,22 @@ class Swarm:
         denom = jnp.maximum(aux["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, new_opt = self.optimizer(lr).update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         loss = aux["loss_sum"] / denom
         grad_norm = optax.global_norm(grads)
-        # Parameters whose squared norm overflows count as diverged too: they would make the
-        # next loss non-finite (and a checkpoint's fingerprint meaningless).
+        # A member whose loss, gradient or update is non-finite (an update whose squared norm
+        # overflows would make the next loss non-finite) is frozen: its parameters stop changing
+        # from this step on. Its optimiser moments are left as the update made them (never read
+        # again: a frozen member never un-freezes), so the mask is one select fused into the
+        # parameter update instead of extra passes over the whole state.
         ok = (alive & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates))
-              & jnp.isfinite(optax.global_norm(new_params)))
-        keep = lambda new, old: jnp.where(ok, new, old)
+              & jnp.isfinite(optax.global_norm(updates)))
+        new_params = jax.tree.map(lambda p, u: p + jnp.where(ok, u, 0).astype(p.dtype), params,
+                                  updates)
         metrics = {"loss": loss, "tokens": aux["tokens"],
                    "domain_loss_sum": aux["domain_loss_sum"],
                    "domain_tokens": aux["domain_tokens"], "grad_norm": grad_norm,
                    "lr": step_lib.current_lr(new_opt)}
-        return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
-                ok, metrics)
+        return new_params, new_opt, ok, metrics
 
     def _signature(self) -> str:
         """What the compiled step depends on besides its arguments: swarms with equal

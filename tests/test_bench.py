@@ -1,0 +1,35 @@
+"""The benchmarks run and print the JSON their readers rely on (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from loam.bench import swarm as bench_swarm
+from loam.bench import train as bench_train
+from loam.model import sizes
+
+
+def test_train_bench_prints_runs_json(capsys):
+    assert bench_train.main(["--runs", "mini", "--steps", "1"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run,) = last["runs"]
+    for key in ("name", "params", "tokens_per_s", "mfu", "matmul_peak_flops", "compile_s",
+                "step_time_median_s", "step_time_min_s", "step_time_max_s", "peak_rss_mb"):
+        assert key in run, key
+    cfg = sizes.get_size("mini", 8192, tied_embeddings=False)
+    assert run["name"] == "mini" and run["params"] == sizes.count_params(cfg)["total"]
+    assert run["tokens_per_s"] > 0 and 0 < run["mfu"] and run["matmul_peak_flops"] > 0
+    assert run["loss_last"] < run["loss_first"]  # the step trains
+
+
+def test_swarm_bench_matches_sequential_losses(capsys):
+    bench_swarm.main(["--k", "2", "--size", "nano", "--seq_len", "32", "--batch_size", "8",
+                      "--steps", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("k", "params_per_member", "swarm_tokens_per_s", "sequential_tokens_per_s",
+                "speedup", "swarm_mfu", "sequential_mfu"):
+        assert key in last, key
+    assert last["k"] == 2
+    assert last["params_per_member"] == sizes.count_params(sizes.get_size("nano"))["non_embedding"]
+    # Both sides trained the same members on the same batches: same losses.
+    assert last["max_loss_difference"] < 1e-4
