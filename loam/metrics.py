@@ -8,8 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+import types
+
+# TensorBoard's file I/O goes through a lazily imported "tf" module: the real TensorFlow when it is
+# installed (seconds of import and gigabytes of address space per process), else a stub that
+# handles local and fsspec paths. Registering `tensorboard.compat.notf` (what TensorBoard's own
+# no-TensorFlow build provides) selects the stub, unless TensorFlow is already loaded anyway.
+if "tensorflow" not in sys.modules:
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
