@@ -10,15 +10,21 @@ import jax.numpy as jnp
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best observed float32 FLOP/s of an n×n matmul on the default device."""
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0) -> float:
+    """Best observed float32 FLOP/s of an n×n matmul on the default device.
+
+    Runs at least ``repeats`` timed matmuls and at least ``min_seconds`` of them, so that thread
+    pools and clock frequencies have settled before the best time is taken (a single cold
+    measurement can read a third low, which would inflate every MFU divided by it).
+    """
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+    best, count, start = float("inf"), 0, time.perf_counter()
+    while count < repeats or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
         mm(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
+        count += 1
     return 2 * n**3 / best

@@ -97,7 +97,7 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
 
     tokens = steps * k * tokens_per_member_step
     from loam import perf
-    peak = perf.matmul_peak_flops(2048, 5)
+    peak = perf.matmul_peak_flops(2048, 8, 2.0)
     fpt = sizes.flops_per_token(model_cfg, seq_len)
     result = {
         "k": k, "params_per_member": counts["non_embedding"],

@@ -114,13 +114,20 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown run(s) {unknown}; choose from {list(RUNS)}", file=sys.stderr)
         return 2
-    peak = perf.matmul_peak_flops(2048, 8)
+    peak = perf.matmul_peak_flops(2048, 8, 2.0)
     runs = []
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
         run = bench_run(name, steps, peak)
         runs.append(run)
         print(json.dumps(run), flush=True)
+    # The peak again, now that the machine is warm; MFU is against the higher of the two.
+    peak_after = perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0)
+    if peak_after > peak:
+        for run in runs:
+            run["mfu"] *= peak / peak_after
+            run["matmul_peak_flops"] = peak_after
+        peak = peak_after
     print(json.dumps({
         "runs": runs, "matmul_peak_flops": peak, "devices": jax.device_count(),
         "platform": jax.devices()[0].platform, "jax": jax.__version__,
