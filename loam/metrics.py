@@ -6,9 +6,8 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
-
 import types
+from pathlib import Path
 
 # TensorBoard's file I/O goes through a lazily imported "tf" module: the real TensorFlow when it is
 # installed (seconds of import and gigabytes of address space per process), else a stub that

@@ -103,6 +103,11 @@ def train_proxies(config, workdir: Path, R: np.ndarray, domains, eval_domains) -
     return rows
 
 
+def _regmix_name(search, regressor: str) -> str:
+    """Report name of a regressor's proposal: "regmix" for the configured one (RegMix's)."""
+    return "regmix" if regressor == search.proposal else f"regmix_{regressor}"
+
+
 def fit_and_propose(config, workdir: Path, rows, domains, sizes, upper) -> dict:
     s = config.search
     tdomains = regmix.target_domains(s.target, domains)
@@ -124,7 +129,7 @@ def fit_and_propose(config, workdir: Path, rows, domains, sizes, upper) -> dict:
         fit = regmix.fit_regressor(name, X, Y, s.holdout_fraction, s.seed)
         w, info = regmix.propose(fit["regressor"], candidates, s.top_k)
         fits[name] = {k: v for k, v in fit.items() if k != "regressor"}
-        proposals[f"regmix_{name}"] = w
+        proposals[_regmix_name(s, name)] = w
         predictors[name] = fit["regressor"].predict
         print(f"{name}: held-out Spearman {fit['spearman']:.3f}; proposal "
               f"{np.round(w, 3).tolist()}", flush=True)
@@ -287,8 +292,7 @@ def run(config, workdir: str | Path) -> dict:
     tdomains = regmix.target_domains(s.target, domains)
     eval_domains = list(dict.fromkeys(domains + tdomains))
     regmix.check_enough(s.num_proxies, len(domains), "proxies configured")
-    known = (["regmix"] + [f"regmix_{r}" for r in s.regressors if r != s.proposal]
-             + ["mixing_law"] + list(s.baselines))
+    known = [_regmix_name(s, r) for r in s.regressors] + ["mixing_law"] + list(s.baselines)
     unknown = [n for n in config.validate.get("mixtures", None) or [] if n not in known]
     if unknown:
         raise regmix.MixSearchError(f"validate.mixtures names {unknown}, which this search does "
@@ -298,9 +302,6 @@ def run(config, workdir: str | Path) -> dict:
     R, upper = sample(config, workdir, domains, sizes)
     rows = train_proxies(config, workdir, R, domains, eval_domains)
     report = fit_and_propose(config, workdir, rows, domains, sizes, upper)
-    for row in report["proposals"]:
-        if row["mixture"] == f"regmix_{s.proposal}":
-            row["mixture"] = "regmix"  # RegMix's proposal, by the configured regressor
     write_proposals(config, workdir, report)
     validate(config, workdir, report, domains, eval_domains)
     (workdir / "report.json").write_text(json.dumps(report, indent=1))

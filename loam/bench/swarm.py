@@ -126,7 +126,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--member_loop", choices=["vmap", "map"], default=None,
-                   help="how each device runs its members (default: map on CPU, else vmap)")
+                   help="how each device runs its members (default: vmap)")
     a = p.parse_args(argv)
     print(json.dumps(run(a.k, a.size, a.seq_len, a.batch_size, a.steps,
                          member_loop=a.member_loop)), flush=True)
