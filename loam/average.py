@@ -1,23 +1,39 @@
-"""Weighted average of a run's last K checkpoints, written as a checkpoint eval reads like any other.
+"""Weighted average of a run's last K checkpoints, written as a checkpoint eval reads like any
+other.
 
     python -m loam.average --workdir DIR --last K [--weights 1,1,2,4] [--out DIR/avg_last4]
 
 The output is a run directory (config.json + checkpoints/<last step>) holding the averaged
 parameters, with the optimiser state and data position of the newest averaged checkpoint; so
 `python -m loam.eval --workdir OUT` reports it. Weights are normalised; the default is uniform.
+
+Nothing that exists is overwritten: the output is built in a temporary directory next to OUT and
+renamed into place. An existing OUT is refused unless it is this command's own earlier output
+(it holds `averaged.json`): the same average again is a no-op, a different one replaces it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from loam import checkpoint as ckpt_lib
+from loam import cli
+from loam import run as run_lib
+from loam.workdir import UnreadableFile, read_json, write_json
+
+MANIFEST = "averaged.json"
+_OWN_FILES = {"config.json", MANIFEST, "checkpoints"}
+
+
+class AverageError(cli.UserError):
+    """An average that cannot be written where asked; the message names the fix."""
 
 
 def average_params(trees, weights) -> object:
@@ -35,39 +51,107 @@ def average_params(trees, weights) -> object:
     return jax.tree.map(avg, *trees)
 
 
-def average_checkpoints(workdir, last: int, weights=None, out=None) -> Path:
-    from loam import eval as eval_lib
+def _manifest(out: Path) -> dict | None:
+    """The manifest of an earlier `loam.average` output in `out`, or None."""
+    try:
+        m = read_json(out / MANIFEST)
+    except UnreadableFile:
+        return None
+    return m if isinstance(m, dict) and m.get("written_by") == "loam.average" else None
 
-    run = eval_lib.open_run(workdir)
-    checkpointer = run["checkpointer"]
-    steps = checkpointer.steps()
+
+def check_out(workdir: Path, out: Path, last: int | None = None) -> dict | None:
+    """Refuses an --out that would overwrite anything average did not write; returns the
+    manifest of its own earlier output there, if any."""
+    workdir, out = workdir.absolute(), out.absolute()
+    fresh = workdir / f"avg_last{last or 'K'}"
+    if out == workdir or out in workdir.parents:
+        raise AverageError(f"--out {out} is the run directory {workdir} or contains it; "
+                           f"averaging never writes over a run. Use a new directory, e.g. "
+                           f"--out {fresh}")
+    if (workdir / "checkpoints") in out.parents or out == workdir / "checkpoints":
+        raise AverageError(f"--out {out} is inside the run's checkpoints directory; choose a "
+                           f"directory outside it, e.g. {fresh}")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise AverageError(f"--out {out} is an existing file; choose a new directory")
+    manifest = _manifest(out)
+    if manifest is None and any(out.iterdir()):
+        raise AverageError(f"--out {out} already exists and was not written by loam.average "
+                           "(no averaged.json in it); nothing was changed. Choose a new "
+                           "directory, or remove it yourself if it is unwanted")
+    return manifest
+
+
+def average_checkpoints(workdir, last: int, weights=None, out=None) -> Path:
+    workdir = Path(workdir).absolute()
     if last < 1:
         raise ValueError(f"--last must be at least 1, got {last}")
-    if last > len(steps):
-        raise ValueError(f"--last {last} but {workdir} holds only {len(steps)} checkpoint(s) "
-                         f"{steps}; lower --last or keep more (config.keep_checkpoints)")
-    chosen = steps[-last:]
-    weights = [1.0] * last if weights is None else list(weights)
+    weights = [1.0] * last if weights is None else [float(w) for w in weights]
     if len(weights) != last:
         raise ValueError(f"--weights has {len(weights)} values for --last {last}; give one per "
                          "checkpoint, oldest first")
-    states, metas = zip(*(checkpointer.restore(s, run["abstract"]) for s in chosen))
-    params = average_params([s.params for s in states], weights)
-    state = states[-1].replace(params=params)
-    out = Path(out or Path(workdir) / f"avg_last{last}")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copy(Path(workdir) / "config.json", out / "config.json")
-    writer = ckpt_lib.Checkpointer(out / "checkpoints", keep=1, async_save=False)
-    meta = dict(metas[-1], averaged_steps=chosen, averaging_weights=weights)
-    meta.pop("fingerprint", None)
-    writer.save(chosen[-1], state, meta)
-    writer.wait()
-    writer.close()
-    checkpointer.close()
+    out = Path(out).absolute() if out else workdir / f"avg_last{last}"
+    earlier = check_out(workdir, out, last)
+
+    run = run_lib.open_run(workdir)
+    try:
+        steps = run.steps()
+        if last > len(steps):
+            raise ValueError(f"--last {last} but {workdir} holds only {len(steps)} "
+                             f"checkpoint(s) {steps}; lower --last or keep more "
+                             "(config.keep_checkpoints)")
+        chosen = steps[-last:]
+        record = {"written_by": "loam.average", "source": str(workdir), "steps": chosen,
+                  "weights": weights}
+        if earlier is not None and all(earlier.get(k) == v for k, v in record.items()):
+            print(f"{out} already holds this average (steps {chosen}, weights {weights}); "
+                  "nothing to do", flush=True)
+            return out
+        states, metas = zip(*(run.checkpointer.restore(s, run.abstract) for s in chosen))
+        params = average_params([s.params for s in states], weights)
+        state = states[-1].replace(params=params)
+        meta = dict(metas[-1], averaged_steps=chosen, averaging_weights=weights)
+        meta.pop("fingerprint", None)
+        _write(out, workdir, state, meta, chosen[-1], record, replace=earlier is not None)
+    finally:
+        run.close()
     print(f"averaged steps {chosen} with weights {weights} -> {out}", flush=True)
     return out
+
+
+def _write(out: Path, workdir: Path, state, meta: dict, step: int, record: dict,
+           replace: bool) -> None:
+    """Builds the output next to `out` and renames it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        shutil.copy(workdir / "config.json", tmp / "config.json")
+        writer = ckpt_lib.Checkpointer(tmp / "checkpoints", keep=1, async_save=False)
+        writer.save(step, state, meta)
+        writer.wait()
+        writer.close()
+        write_json(tmp / MANIFEST, dict(record, time=time.strftime("%Y-%m-%d %H:%M:%S")),
+                   indent=1)
+        if replace:  # our own earlier output: keep anything else that was added to it
+            old = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            if {p.name for p in old.iterdir()} <= _OWN_FILES:
+                shutil.rmtree(old)  # only what an earlier average wrote
+            else:
+                print(f"note: the earlier average's directory held other files (e.g. its eval "
+                      f"results); kept it as {old}", flush=True)
+        elif out.exists():  # an empty directory: nothing to lose
+            out.rmdir()
+            os.rename(tmp, out)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary directory this call created
+        raise
 
 
 def main(argv=None):
@@ -77,14 +161,14 @@ def main(argv=None):
     p.add_argument("--weights", default=None, help="comma-separated, oldest checkpoint first")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from loam.eval import quiet_orbax
-    quiet_orbax()
-    try:
-        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+    cli.quiet_logs()
+    with cli.user_errors():
+        try:
+            weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        except ValueError:
+            cli.fail(f"--weights {args.weights!r}: give comma-separated numbers, oldest "
+                     "checkpoint first, e.g. --weights 1,1,2,4")
         average_checkpoints(args.workdir, args.last, weights, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

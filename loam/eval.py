@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from loam import checkpoint as ckpt_lib
+from loam import cli
 from loam import metrics as metrics_lib
+from loam import run as run_lib
 from loam import step as step_lib
-from loam.data import corpora, mixture, objectives, tokenized
+from loam.data import heldout, objectives, tokenized
 from loam.model import sharding
 
 LN2 = math.log(2.0)
@@ -33,7 +33,7 @@ class EvalSet:
     def __init__(self, domain: str, config, vocab_size: int):
         objective = objectives.get_objective(config.data.objective)
         self.domain = domain
-        self.batches, self.bytes = mixture.eval_batches(
+        self.batches, self.bytes = heldout.eval_batches(
             domain, objective, config.data.seq_len, config.eval_batch_size, config.eval_tokens,
             data_dir=config.data.dir or None)
         self.tokens = float(sum(b["loss_weights"].sum() for b in self.batches))
@@ -48,12 +48,18 @@ class EvalSet:
         return total / max(self.tokens, 1.0)
 
 
+def _same_on_every_process(value: np.ndarray, sharding) -> jax.Array:
+    def shard(index):
+        return value[index]
+    return jax.make_array_from_callback(value.shape, sharding, shard)
+
+
 class Evaluator:
     def __init__(self, model, mesh, config, stream=None):
         self.config = config
         self.mesh = mesh
         self.domains = list(config.data.domains)
-        self.eval_step = step_lib.make_eval_step(model, mesh, len(corpora.DOMAIN_NAMES))
+        self.eval_step = step_lib.make_eval_step(model, mesh, run_lib.num_domains(config))
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._sets = None
         self._vocab_size = model.cfg.vocab_size
@@ -68,13 +74,11 @@ class Evaluator:
     def run(self, params, step: int, writer: metrics_lib.MetricWriter | None = None,
             out_dir: Path | None = None) -> dict:
         per_domain = {}
-        for i, es in enumerate(self.sets):
+        for es in self.sets:
             loss_sum = 0.0
             for b in es.batches:
                 # The same host array on every process; each places its own shards.
-                batch = {k: jax.make_array_from_callback(v.shape, self.batch_sharding,
-                                                         lambda idx, v=v: v[idx])
-                         for k, v in b.items()}
+                batch = {k: _same_on_every_process(v, self.batch_sharding) for k, v in b.items()}
                 loss_sum += float(jax.device_get(self.eval_step(params, batch))["loss_sum"])
             loss = loss_sum / max(es.tokens, 1.0)
             per_domain[es.domain] = {
@@ -106,11 +110,6 @@ class Evaluator:
         return record
 
 
-def quiet_orbax():
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
-
 def format_table(record: dict) -> str:
     rows = [f"{'domain':12s} {'loss':>7s} {'bpb':>7s} {'unigram':>8s} {'unigram bpb':>11s}"]
     for d, v in record["per_domain"].items():
@@ -122,51 +121,14 @@ def format_table(record: dict) -> str:
     return f"eval at step {record['eval_step']}\n" + "\n".join(rows)
 
 
-def open_run(workdir: str | Path) -> dict:
-    """A run directory's config, model, mesh and checkpointer, ready to restore any step."""
-    import ml_collections
-
-    from loam import train as train_lib
-    from loam.data import vocab as vocab_lib
-    from loam.model.transformer import Transformer
-
-    workdir = Path(workdir)
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: --workdir must be a loam run directory "
-                                "(created by python -m loam.train)")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    vocab = vocab_lib.default_vocabulary()
-    model = Transformer(train_lib.build_model_config(config, vocab.vocab_size))
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    optimizer = step_lib.make_optimizer(train_lib.lr_schedule(config), config.optim.weight_decay)
-    state, shardings = step_lib.init_state(model, optimizer, jax.random.PRNGKey(0), mesh,
-                                           config.data.seq_len, config.data.batch_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-    if not checkpointer.steps():
-        raise FileNotFoundError(f"no checkpoints in {workdir / 'checkpoints'}")
-    return {"workdir": workdir, "config": config, "model": model, "mesh": mesh,
-            "checkpointer": checkpointer, "abstract": ckpt_lib.abstract_like(state, shardings)}
-
-
-def load_run(workdir: str | Path, step: int | None = None) -> dict:
-    """open_run plus the parameters of `step` (default: the newest checkpoint)."""
-    run = open_run(workdir)
-    available = run["checkpointer"].steps()
-    step = available[-1] if step is None else step
-    if step not in available:
-        raise ValueError(f"no checkpoint for step {step} in {run['workdir']}; available: "
-                         f"{available}")
-    state, _ = run["checkpointer"].restore(step, run["abstract"])
-    return dict(run, params=state.params, step=step)
-
-
 def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
                      all_steps: bool = False) -> list[dict]:
     """Evaluates checkpoints of a run directory (default: the newest)."""
-    run = open_run(workdir)
-    checkpointer = run["checkpointer"]
-    available = checkpointer.steps()
+    run = run_lib.open_run(workdir)
+    available = run.steps()
+    if not available:
+        run.close()
+        raise FileNotFoundError(f"no checkpoints in {run.workdir / 'checkpoints'}")
     if all_steps:
         wanted = available
     elif steps:
@@ -176,18 +138,18 @@ def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
         wanted = steps
     else:
         wanted = [available[-1]]
-    evaluator = Evaluator(run["model"], run["mesh"], run["config"])
-    writer = metrics_lib.MetricWriter(run["workdir"], "eval", jsonl="eval.jsonl",
+    evaluator = Evaluator(run.model, run.mesh, run.config)
+    writer = metrics_lib.MetricWriter(run.workdir, "eval", jsonl="eval.jsonl",
                                       enabled=jax.process_index() == 0)
     records = []
     try:
         for s in wanted:
-            restored, _ = checkpointer.restore(s, run["abstract"])
-            records.append(evaluator.run(restored.params, s, writer))
+            params = run.checkpointer.restore_params(s, run.abstract.params)
+            records.append(evaluator.run(params, s, writer))
             print(format_table(records[-1]), flush=True)
     finally:
         writer.close()
-        checkpointer.close()
+        run.close()
     return records
 
 
@@ -198,12 +160,9 @@ def main(argv=None):
     g.add_argument("--step", type=int, action="append", help="checkpoint step (repeatable)")
     g.add_argument("--all", action="store_true", help="every checkpoint in the run")
     args = p.parse_args(argv)
-    quiet_orbax()
-    try:
+    cli.quiet_logs()
+    with cli.user_errors():
         evaluate_workdir(args.workdir, args.step, args.all)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

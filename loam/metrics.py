@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -40,6 +41,71 @@ def _json_safe(v):
     return v
 
 
+def repair_jsonl(path: str | Path) -> str | None:
+    """Makes an append-only JSONL file end at a line boundary again after a kill mid-write.
+
+    A last line without its newline is kept if it is a whole record (newline added); otherwise
+    it is appended to `<file>.partial` (nothing is deleted) and cut from the file, so the next
+    record starts on a line of its own. Returns a note of what was done, or None.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return None
+        # Read back to the last newline (a record is a few KB; read the tail in blocks).
+        end, block, tail = size, 1 << 16, b""
+        while end > 0 and b"\n" not in tail:
+            start = max(0, end - block)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+        cut = end + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        f.seek(cut)
+        fragment = f.read()
+        try:
+            json.loads(fragment)
+            whole = True
+        except ValueError:
+            whole = False
+        if whole:
+            f.seek(0, 2)
+            f.write(b"\n")
+            return f"{path}: the last record lacked its newline; added it"
+        side = path.with_name(path.name + ".partial")
+        with open(side, "ab") as g:
+            g.write(fragment + b"\n")
+            g.flush()
+            os.fsync(g.fileno())
+        f.truncate(cut)
+    note = (f"{path}: moved a partial last line ({len(fragment)} bytes, from a run killed "
+            f"mid-write) to {side}")
+    print(f"note: {note}", file=sys.stderr, flush=True)
+    return note
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file; a line that does not parse is skipped with a warning that
+    names the file and line (a run killed mid-write leaves at most one)."""
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                print(f"warning: {path}:{n} is not valid JSON ({e}); skipped", file=sys.stderr)
+    return records
+
+
 class MetricWriter:
     """Appends one JSON line per record and mirrors every scalar into TensorBoard.
 
@@ -53,6 +119,7 @@ class MetricWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        repair_jsonl(self.workdir / jsonl)
         self._jsonl = open(self.workdir / jsonl, "a", buffering=1)
         self._tb = EventFileWriter(str(self.workdir / "tensorboard" / subdir))
 

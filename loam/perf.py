@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0) -> float:
     """Best observed float32 FLOP/s of an n×n matmul on the default device.
 

@@ -1,14 +1,17 @@
-"""The compiled train and eval steps: loss, optimizer, schedules, sharded state initialisation.
+"""The one update: loss sums, optimizer, schedules, sharded state initialisation.
 
-One jitted function does a whole update on device (gradient accumulation included), with the
-state donated and sharded by the logical rules; it returns per-domain loss sums and token counts
-so the loop can log loss per domain and mixing controllers can read them.
+`update` is a pure function (grads of the summed loss / tokens -> optax update -> metrics with
+per-domain sums). The trainer jits it with the state donated and sharded by the logical rules;
+the proxy swarm vmaps the very same function over its members (with a freeze mask), so a swarm
+member equals a single run by construction. Per-domain loss sums and token counts come back
+with every step so the loop can log loss per domain and mixing controllers can read them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import flax
 import flax.linen as nn
@@ -19,7 +22,7 @@ from jax.sharding import Mesh
 
 from loam.model import sharding as shd
 
-Batch = dict[str, jax.Array]
+Batch = Mapping[str, jax.Array]
 MODEL_FEATURES = ("inputs", "segment_ids", "positions", "prefix")
 
 
@@ -99,11 +102,13 @@ def current_lr(opt_state) -> jax.Array:
 
 # --------------------------------------------------------------------------- loss
 
-def _loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float):
-    """Weighted sums (not means), so microbatches add up to the full batch exactly."""
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"],
-                               segment_ids=batch["segment_ids"], positions=batch["positions"],
-                               prefix=batch["prefix"]).astype(jnp.float32)
+def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float = 0.0):
+    """(objective, aux): weighted sums, not means, so microbatches add up to the full batch
+    exactly; aux holds loss_sum, tokens, per-domain domain_loss_sum / domain_tokens
+    ([num_domains]) and z_loss_sum."""
+    logits_BxLxV = cast(jax.Array, model.apply(
+        {"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"], prefix=batch["prefix"])).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     nll_BxL = lse_BxL - target_BxL
@@ -124,7 +129,7 @@ def _loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss:
 
 def loss_fn(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float = 0.0):
     """(mean token cross-entropy over weighted tokens [+ z-loss], aux sums for per-domain logs)."""
-    objective, aux = _loss_sums(params, model, batch, num_domains, z_loss)
+    objective, aux = loss_sums(params, model, batch, num_domains, z_loss)
     return objective / jnp.maximum(aux["tokens"], 1.0), aux
 
 
@@ -145,7 +150,7 @@ def _split_microbatches(batch: Batch, accum_steps: int, mesh: Mesh) -> Batch:
 
 def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh):
     """Gradient of the summed objective and aux sums, accumulated over microbatches."""
-    grad_fn = jax.grad(lambda p, b: _loss_sums(p, model, b, num_domains, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda p, b: loss_sums(p, model, b, num_domains, z_loss), has_aux=True)
     if accum_steps == 1:
         return grad_fn(params, batch)
     micro = _split_microbatches(batch, accum_steps, mesh)
@@ -159,44 +164,76 @@ def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh):
     return grads, aux
 
 
-def _with_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """Call (and so trace) fn with the mesh and logical rules active."""
-    def wrapped(*args):
-        with shd.activate(mesh):
-            return fn(*args)
-    wrapped.jitted = fn
-    return wrapped
+class _OnMesh:
+    """Calls (and so traces) a jitted function with the mesh and logical rules active;
+    ``jitted`` is the function itself, for ``.lower()`` in benchmarks and scale checks."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with shd.activate(self.mesh):
+            return self.jitted(*args)
+
+
+def _with_mesh(fn: Callable, mesh: Mesh) -> _OnMesh:
+    return _OnMesh(fn, mesh)
+
+
+def update(state: TrainState, batch: Batch, *, model: nn.Module,
+           optimizer: optax.GradientTransformation, num_domains: int, z_loss: float = 0.0,
+           accum_steps: int = 1, mesh: Mesh | None = None, alive: jax.Array | None = None
+           ) -> tuple[TrainState, dict]:
+    """One optimizer update; pure, so it can be jitted (a run) or vmapped (a swarm).
+
+    metrics: loss (mean over weighted tokens, without z-loss), tokens, domain_loss_sum and
+    domain_tokens ([num_domains]), grad_norm (before clipping), lr (of this update), z_loss.
+
+    ``alive`` (a swarm member's flag) turns on the freeze mask: the update is applied only if
+    the member is alive and its loss, gradient and update are finite (an update whose squared
+    norm overflows would make the next loss non-finite); metrics["alive"] says whether it was.
+    The mask is one select fused into the parameter update; a frozen member's optimizer moments
+    are left as the update made them (never read again: a frozen member never un-freezes).
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    if accum_steps > 1 and mesh is None:
+        raise ValueError("gradient accumulation needs the mesh its microbatches are spread over")
+    grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps, mesh)
+    denom = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": aux["loss_sum"] / denom,
+        "tokens": aux["tokens"],
+        "domain_loss_sum": aux["domain_loss_sum"],
+        "domain_tokens": aux["domain_tokens"],
+        "grad_norm": optax.global_norm(grads),
+        "lr": current_lr(opt_state),
+    }
+    if z_loss:
+        metrics["z_loss"] = aux["z_loss_sum"] / denom
+    if alive is None:
+        params = optax.apply_updates(state.params, updates)
+    else:
+        ok = (alive & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(optax.global_norm(updates)))
+        params = jax.tree_util.tree_map(
+            lambda p, u: (p + jnp.where(ok, u, 0)).astype(p.dtype), state.params, updates)
+        metrics["alive"] = ok
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, num_domains: int, z_loss: float = 0.0,
                     accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
-    """jit'ed (state, batch) -> (state, metrics); the state argument is donated.
-
-    metrics: loss (mean over weighted tokens, without z-loss), tokens, domain_loss_sum and
-    domain_tokens ([num_domains]), grad_norm (before clipping), lr (of this update).
-    """
+    """`update` jitted: (state, batch) -> (state, metrics), state donated and sharded."""
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
     def train_step(state: TrainState, batch: Batch):
-        grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps,
-                                mesh)
-        denom = jnp.maximum(aux["tokens"], 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": aux["loss_sum"] / denom,
-            "tokens": aux["tokens"],
-            "domain_loss_sum": aux["domain_loss_sum"],
-            "domain_tokens": aux["domain_tokens"],
-            "grad_norm": optax.global_norm(grads),
-            "lr": current_lr(opt_state),
-        }
-        if z_loss:
-            metrics["z_loss"] = aux["z_loss_sum"] / denom
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return update(state, batch, model=model, optimizer=optimizer, num_domains=num_domains,
+                      z_loss=z_loss, accum_steps=accum_steps, mesh=mesh)
 
     jitted = jax.jit(train_step,
                      in_shardings=(state_shardings, shd.batch_sharding(mesh)),
@@ -209,7 +246,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, num_domains: int,
                    param_shardings: Any = None) -> Callable[[Any, Batch], dict]:
     """jit'ed (params, batch) -> {domain_loss_sum, domain_tokens, loss_sum, tokens}."""
     def eval_step(params, batch):
-        _, aux = _loss_sums(params, model, batch, num_domains, 0.0)
+        _, aux = loss_sums(params, model, batch, num_domains, 0.0)
         return {k: aux[k] for k in ("domain_loss_sum", "domain_tokens", "loss_sum", "tokens")}
 
     jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh)),

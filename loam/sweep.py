@@ -4,6 +4,10 @@
     python -m loam.sweep --config FILE --workdir DIR --list      # launch commands, one per run
     python -m loam.sweep --config FILE --workdir DIR --collect   # rebuild DIR/results.csv only
     python -m loam.sweep --config FILE --workdir DIR --fit       # fit the table, check holdouts
+    python -m loam.sweep --config FILE --workdir DIR --config.base.steps=50   # any field, as train
+
+Exit status: 0 when every run finished, 1 on a bad sweep (one `error:` line) or a failed run,
+130 when interrupted.
 
 A sweep file's get_config(arg) returns a ConfigDict with
   base             a run config (e.g. loam.configs.default.get_config(...));
@@ -34,10 +38,8 @@ runs are retried. Each finished run is a row of DIR/results.csv, rewritten atomi
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -53,6 +55,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_collections
+import numpy as np
+
+from loam import cli
+from loam import run as run_lib
+from loam.data.vocab import VOCAB_SIZE
+from loam.model import sizes
+from loam.scaling import fit as fit_lib
+from loam.workdir import UnreadableFile, read_json
 
 DERIVED_KEYS = ("params", "tokens", "tokens_per_param", "flops")
 _TOKEN_KEYS = ("tokens", "tokens_per_param", "flops")
@@ -74,24 +84,19 @@ class SweepError(ValueError):
 
 def get_config(arg: str) -> ml_collections.ConfigDict:
     """The run config materialised by a sweep (the --config of each run's launch command)."""
-    return ml_collections.ConfigDict(json.loads(Path(arg).read_text())["config"])
+    return ml_collections.ConfigDict(read_json(arg)["config"])
+
+
+def check_sweep(sweep, where: str = "the sweep") -> ml_collections.ConfigDict:
+    if "base" not in sweep:
+        raise SweepError(f"{where} has no `base` run config; set sweep.base = "
+                         "loam.configs.default.get_config(...) (and sweep.axes = [...])")
+    return sweep
 
 
 def load_sweep(spec: str) -> ml_collections.ConfigDict:
-    """Imports FILE[:ARG] and returns get_config(ARG), like ml_collections' --config flag."""
-    path, sep, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise SweepError(f"sweep config {path!r} does not exist; pass --config path/to/sweep.py")
-    module_spec = importlib.util.spec_from_file_location(f"loam_sweep_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SweepError(f"{path} has no get_config(arg) function returning the sweep")
-    sweep = module.get_config(arg) if sep else module.get_config()
-    if "base" not in sweep:
-        raise SweepError(f"{path}: the sweep has no `base` run config; set sweep.base = "
-                         "loam.configs.default.get_config(...) (and sweep.axes = [...])")
-    return sweep
+    """get_config(ARG) of FILE[:ARG], loaded as `--config` loads it (cli.load_config)."""
+    return check_sweep(cli.load_config(spec), spec.partition(":")[0])
 
 
 def _plain(value):
@@ -108,7 +113,8 @@ def _plain(value):
 def _check_key(base: dict, key: str):
     if key in DERIVED_KEYS:
         return
-    node, done = base, []
+    node: object = base
+    done: list[str] = []
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             where = f"'{'.'.join(done)}'" if done else "the top level of the base config"
@@ -156,6 +162,9 @@ def _fmt(value) -> str:
         return f"{value:g}"
     if isinstance(value, str):
         return value
+    named = value if isinstance(value, list) else [value]
+    if named and all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in named):
+        return "+".join(v["name"] for v in named)  # e.g. curriculum stages, by their names
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:6]
 
 
@@ -168,11 +177,7 @@ def run_id(values: dict, prefix: str = "") -> str:
 
 
 def _model_shape(config: dict) -> dict:
-    from loam import train as train_lib
-    from loam.data.vocab import VOCAB_SIZE
-    from loam.model import sizes
-
-    model_cfg = train_lib.build_model_config(ml_collections.ConfigDict(config), VOCAB_SIZE)
+    model_cfg = run_lib.model_config(ml_collections.ConfigDict(config))
     counts = sizes.count_params(model_cfg)
     return {"model_cfg": model_cfg, "N": counts["non_embedding"], "N_total": counts["total"],
             "flops_per_token": sizes.flops_per_token(model_cfg, config["data"]["seq_len"])}
@@ -180,9 +185,6 @@ def _model_shape(config: dict) -> dict:
 
 def resolve(base: dict, values: dict, warmup_fraction: float = 0.0) -> dict:
     """The run config for one point: dotted fields first, then model shape, then steps."""
-    from loam.data.vocab import VOCAB_SIZE
-    from loam.model import sizes
-
     config = json.loads(json.dumps(base))
     token_keys = [k for k in values if k in _TOKEN_KEYS]
     if len(token_keys) > 1:
@@ -296,23 +298,47 @@ def launch_command(workdir, run: Run) -> list[str]:
             f"--workdir={run_dir(workdir, run)}"]
 
 
+def _final_eval_path(workdir, run: Run) -> Path:
+    return run_dir(workdir, run) / "eval" / f"step_{run.config['steps']}.json"
+
+
+def _read_eval(path: Path) -> dict[str, float]:
+    """Per-domain losses of an eval record; UnreadableFile (naming the file) if it is damaged."""
+    record = read_json(path)
+    try:
+        return {d: float(v["loss"]) for d, v in record["per_domain"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UnreadableFile(f"{path} is not an eval record (no per_domain losses: "
+                             f"{type(e).__name__}: {e})") from None
+
+
 def is_finished(workdir, run: Run) -> bool:
-    """Final checkpoint and final eval written under this very config."""
+    """Final checkpoint and a readable final eval, written under this very config."""
     d, steps = run_dir(workdir, run), run.config["steps"]
-    if not ((d / "eval" / f"step_{steps}.json").is_file() and (d / "checkpoints" / str(steps)).is_dir()):
+    if not (_final_eval_path(workdir, run).is_file() and (d / "checkpoints" / str(steps)).is_dir()):
         return False
     try:
-        saved = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
+        saved = read_json(d / "config.json")
+        _read_eval(_final_eval_path(workdir, run))
+    except UnreadableFile:
         return False
-    return saved == json.loads(json.dumps(run.config))
+    try:  # loam.train saves the resolved config (e.g. a warmup clamped to a short run)
+        resolved, _ = run_lib.resolve_config(ml_collections.ConfigDict(run.config))
+    except ValueError:
+        return False
+    return saved == json.loads(resolved.to_json_best_effort())
 
 
 def _read_status(workdir, run: Run) -> dict:
-    try:
-        return json.loads((run_dir(workdir, run) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+    path = run_dir(workdir, run) / STATUS_FILE
+    if not path.exists():
         return {}
+    try:
+        status = read_json(path)
+    except UnreadableFile as e:
+        print(f"warning: {e}; treating {run.run_id} as never launched", file=sys.stderr)
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _write_status(workdir, run: Run, status: dict):
@@ -342,26 +368,32 @@ def result_row(workdir, run: Run, shapes: dict) -> dict | None:
     """The results-table row of a finished or failed run; None while it is pending."""
     status = _read_status(workdir, run)
     finished = is_finished(workdir, run)
-    if not finished and status.get("status") != "failed":
+    losses, problem = None, None
+    if finished or _final_eval_path(workdir, run).is_file():
+        try:
+            losses = _read_eval(_final_eval_path(workdir, run))
+        except UnreadableFile as e:  # name the file, mark the row, go on with the others
+            problem = (f"{e}; rerun the sweep to evaluate this run again (its checkpoints are "
+                       "kept)")
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
+    if not finished and problem is None and status.get("status") != "failed":
         return None
     info = shapes.setdefault(run.run_id, _model_shape(run.config))
     model_cfg = info["model_cfg"]
     data = run.config["data"]
     D = run.config["steps"] * data["batch_size"] * data["seq_len"]
-    row = {"run_id": run.run_id, "status": "ok" if finished else "failed"}
+    row: dict[str, object] = {
+        "run_id": run.run_id, "status": "ok" if finished else "unreadable" if problem else "failed"}
     row.update({k: _cell(v) for k, v in run.values.items()})
     row.update(N=info["N"], N_total=info["N_total"], D=D, C=6.0 * info["N"] * D,
                C_attn=info["flops_per_token"] * D, steps=run.config["steps"],
                d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
                n_heads=model_cfg.n_heads, mlp_dim=model_cfg.mlp_dim)
-    if finished:
-        record = json.loads((run_dir(workdir, run) / "eval" /
-                             f"step_{run.config['steps']}.json").read_text())
-        losses = {d: float(v["loss"]) for d, v in record["per_domain"].items()}
+    if finished and losses:
         row.update({f"loss/{d}": v for d, v in losses.items()})
         row["loss"] = sum(losses.values()) / len(losses)
     row["wall_seconds"] = status.get("wall_seconds", "")
-    row["error"] = "" if finished else status.get("error", "")
+    row["error"] = "" if finished else problem or status.get("error", "")
     return row
 
 
@@ -449,9 +481,9 @@ def run_sweep(workdir, runs: list[Run], parallel: int = 1, env: dict | None = No
                     reap(run, proc, started, log)
     except KeyboardInterrupt:
         # SIGTERM makes train save a checkpoint at the next step and exit; a rerun resumes.
-        for run, proc, started, log in active.values():
+        for _, proc, _started, _log in active.values():
             proc.send_signal(signal.SIGTERM)
-        for run, proc, started, log in active.values():
+        for _, proc, _started, log in active.values():
             proc.wait()
             log.close()
         raise
@@ -462,10 +494,6 @@ def run_sweep(workdir, runs: list[Run], parallel: int = 1, env: dict | None = No
 
 def fit_and_predict(workdir, out_dir=None) -> dict:
     """Approaches 2 and 3 on DIR/results.csv; predicted vs observed loss of the holdout runs."""
-    import numpy as np
-
-    from loam.scaling import fit as fit_lib
-
     workdir = Path(workdir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -512,49 +540,54 @@ def fit_and_predict(workdir, out_dir=None) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loam.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="sweep file, FILE[:ARG]")
-    parser.add_argument("--workdir", required=True, help="sweep directory (runs/, results.csv)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once")
-    parser.add_argument("--runs", default="all", choices=["all", "grid", "holdout"])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--list", action="store_true", help="print one launch command per run")
-    mode.add_argument("--collect", action="store_true", help="only rebuild the results tables")
-    mode.add_argument("--fit", action="store_true",
-                      help="fit approaches 2 and 3 to results.csv and predict the holdout runs")
-    args = parser.parse_args(argv)
+def _define_flags(flags):
+    flags.DEFINE_string("workdir", None, "Sweep directory (runs/, results.csv).")
+    flags.mark_flag_as_required("workdir")
+    flags.DEFINE_integer("parallel", 1, "Runs trained at once.", lower_bound=1)
+    flags.DEFINE_enum("runs", "all", ["all", "grid", "holdout"], "Which runs to act on.")
+    flags.DEFINE_bool("list", False, "Print one launch command per run.")
+    flags.DEFINE_bool("collect", False, "Only rebuild the results tables.")
+    flags.DEFINE_bool("fit", False, "Fit approaches 2 and 3 to results.csv and predict the "
+                      "holdout runs.")
+
+
+def _run(sweep, flags) -> int:
+    modes = [m for m in ("list", "collect", "fit") if flags[m].value]
+    if len(modes) > 1:
+        raise SweepError(f"--{' and --'.join(modes)} exclude each other; give one")
+    workdir = flags.workdir
+    runs = expand(check_sweep(sweep))
+    if flags.runs != "all":
+        runs = [r for r in runs if r.holdout == (flags.runs == "holdout")]
+    if flags.list:
+        for run in runs:
+            materialise(workdir, run)
+            print(shlex.join(launch_command(workdir, run)))
+        return 0
+    if flags.collect:
+        print(json.dumps(collect(workdir, runs)))
+        return 0
+    if flags.fit:
+        report = fit_and_predict(workdir, Path(workdir) / "fit")
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        (Path(workdir) / "fit" / "fit.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report))
+        return 0
     try:
-        sweep = load_sweep(args.config)
-        runs = expand(sweep)
-        if args.runs != "all":
-            runs = [r for r in runs if r.holdout == (args.runs == "holdout")]
-        if args.list:
-            for run in runs:
-                materialise(args.workdir, run)
-                print(shlex.join(launch_command(args.workdir, run)))
-            return 0
-        if args.collect:
-            print(json.dumps(collect(args.workdir, runs)))
-            return 0
-        if args.fit:
-            report = fit_and_predict(args.workdir, Path(args.workdir) / "fit")
-            for w in report["warnings"]:
-                print(f"warning: {w}", file=sys.stderr)
-            (Path(args.workdir) / "fit" / "fit.json").write_text(json.dumps(report, indent=1))
-            print(json.dumps(report))
-            return 0
-        summary = run_sweep(args.workdir, runs, args.parallel)
-    except (ValueError, OSError) as e:  # SweepError and ScalingFitError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = run_sweep(workdir, runs, flags.parallel)
     except KeyboardInterrupt:
         print("interrupted: running runs saved checkpoints; rerun the same command to resume",
               file=sys.stderr)
         return 130
     print(json.dumps(summary))
     return 1 if summary["failed"] else 0
+
+
+def main(argv=None) -> int:
+    """`python -m loam.sweep`; argv as sys.argv (program name first). Exit 1 on a bad sweep
+    (one `error:` line) or when a run failed, 130 when interrupted."""
+    return cli.config_main(_run, define_flags=_define_flags, argv=argv)
 
 
 if __name__ == "__main__":

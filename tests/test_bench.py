@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from loam.bench import swarm as bench_swarm
 from loam.bench import train as bench_train
 from loam.model import sizes
+
+pytestmark = pytest.mark.e2e  # each test runs a whole benchmark command
 
 
 def test_train_bench_prints_runs_json(capsys):

@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from loam.data import curriculum, mixture, objectives
-from loam.selection import columns
-from test_train import ROOT, _env, losses, rewind, run_train
+from loam.data import objectives, views, weights
+from loam.data import stream as stream_lib
+
+from helpers import ROOT, env, losses, rewind, run_train
 
 DOMAINS = ["literature", "dialogue", "code", "docs", "reference"]
 
@@ -32,8 +33,8 @@ def make_config(stages, steps=100, interpolate=False, schedule="wsd"):
 
 
 def stream_for(schedule, batch_size=10, seq_len=64):
-    return mixture.MixtureStream(DOMAINS, objectives.get_objective("causal"), schedule,
-                                 seq_len=seq_len, batch_size=batch_size, seed=3)
+    return stream_lib.MixtureStream(DOMAINS, objectives.get_objective("causal"), schedule,
+                                    seq_len=seq_len, batch_size=batch_size, seed=3)
 
 
 TWO_STAGES = [dict(name="a", start=0, weights="uniform"),
@@ -41,7 +42,7 @@ TWO_STAGES = [dict(name="a", start=0, weights="uniform"),
 
 
 def test_stage_switches_at_the_exact_step():
-    sched = curriculum.schedule_from_config(make_config(TWO_STAGES))
+    sched = weights.source_from_config(make_config(TWO_STAGES))
     assert [s.start for s in sched.stages] == [0, 80]  # wsd decays over the last 20%
     stream = stream_for(sched)
     assert np.allclose(stream.weights_at(79), 0.2)
@@ -52,7 +53,7 @@ def test_stage_switches_at_the_exact_step():
     batch = stream.batch(80)
     assert set(np.unique(batch["domain_ids"]).tolist()) == {2}
     # Changing the run length moves the stage with the learning-rate schedule.
-    assert curriculum.schedule_from_config(make_config(TWO_STAGES, steps=300)).stages[1].start \
+    assert weights.source_from_config(make_config(TWO_STAGES, steps=300)).stages[1].start \
         == 240
 
 
@@ -60,19 +61,19 @@ def test_fractional_and_percent_starts_and_interpolation():
     stages = [dict(name="a", start=0, weights={"literature": 1.0}),
               dict(name="b", start="50%", weights={"code": 1.0}),
               dict(name="c", start=0.9, weights={"code": 1.0})]
-    sched = curriculum.schedule_from_config(make_config(stages, interpolate=True))
+    sched = weights.source_from_config(make_config(stages, interpolate=True))
     assert [s.start for s in sched.stages] == [0, 50, 90]
     w = sched.weights_at(25)
     assert w[0] == pytest.approx(0.5) and w[2] == pytest.approx(0.5)
     assert sched.weights_at(50)[2] == pytest.approx(1.0)
-    flat = curriculum.schedule_from_config(make_config(stages, interpolate=False))
+    flat = weights.source_from_config(make_config(stages, interpolate=False))
     assert flat.weights_at(49)[0] == 1.0 and flat.weights_at(50)[2] == 1.0
 
 
 def test_realised_rows_and_tokens_follow_the_plan():
     stages = [dict(name="a", start=0, weights={"literature": 3, "code": 1}),
               dict(name="b", start=40, weights={"docs": 1, "reference": 1})]
-    sched = curriculum.schedule_from_config(make_config(stages))
+    sched = weights.source_from_config(make_config(stages))
     stream = stream_for(sched)
     for t in (1, 17, 40, 41, 77, 100):
         planned = 10 * sum(sched.weights_at(s) for s in range(t))
@@ -88,8 +89,8 @@ def test_realised_rows_and_tokens_follow_the_plan():
 def test_ordered_stage_streams_documents_in_score_order():
     stages = [dict(name="a", start=0, weights={"literature": 1.0},
                    order={"literature": "quality:asc"})]
-    stream = stream_for(curriculum.schedule_from_config(make_config(stages)))
-    quality = columns.load_column("literature", "quality")
+    stream = stream_for(weights.source_from_config(make_config(stages)))
+    quality = views.load_column("literature", "quality")
     seen = []
     for t in range(6):
         b = stream.batch(t)
@@ -101,15 +102,15 @@ def test_ordered_stage_streams_documents_in_score_order():
     assert scores[0] <= np.percentile(quality, 5)
     desc = [dict(name="a", start=0, weights={"literature": 1.0},
                  order={"literature": "quality:desc"})]
-    first = stream_for(curriculum.schedule_from_config(make_config(desc))).batch(0)
+    first = stream_for(weights.source_from_config(make_config(desc))).batch(0)
     top = [int(d) for d in first["doc_ids"][0] if d >= 0][0]
     assert quality[top] >= np.percentile(quality, 95)
 
 
 def test_keep_quantile_range_filters_documents():
     stages = [dict(name="a", start=0, weights={"code": 1.0}, keep={"code": "quality:0.5:1.0"})]
-    stream = stream_for(curriculum.schedule_from_config(make_config(stages)))
-    quality = columns.load_column("code", "quality")
+    stream = stream_for(weights.source_from_config(make_config(stages)))
+    quality = views.load_column("code", "quality")
     from loam.data import tokenized
     train_docs = np.asarray(tokenized.load("code").train.doc_index)
     median = np.median(quality[train_docs])
@@ -122,8 +123,8 @@ def test_default_views_continue_across_stages_without_repeating():
     stages = [dict(name="a", start=0, weights={"docs": 1.0}),
               dict(name="b", start=5, weights={"docs": 1.0}, order={"docs": "quality:asc"}),
               dict(name="c", start=10, weights={"docs": 1.0})]
-    staged = stream_for(curriculum.schedule_from_config(make_config(stages)))
-    plain = stream_for(mixture.constant({"docs": 1.0, "literature": 0.0, "dialogue": 0.0,
+    staged = stream_for(weights.source_from_config(make_config(stages)))
+    plain = stream_for(weights.constant({"docs": 1.0, "literature": 0.0, "dialogue": 0.0,
                                          "code": 0.0, "reference": 0.0}))
     for t in range(5):
         assert np.array_equal(staged.batch(t)["doc_ids"], plain.batch(t)["doc_ids"])
@@ -148,17 +149,17 @@ def test_default_views_continue_across_stages_without_repeating():
 ])
 def test_bad_stages_are_refused(stages, message):
     with pytest.raises(ValueError) as e:
-        curriculum.schedule_from_config(make_config(stages))
+        weights.source_from_config(make_config(stages))
     assert message in str(e.value)
 
 
 def test_missing_column_and_empty_quantile_are_refused():
     missing = [dict(name="a", start=0, weights="uniform", order={"code": "no_such_score:asc"})]
-    with pytest.raises(columns.ColumnError, match="score column 'no_such_score' does not exist"):
-        stream_for(curriculum.schedule_from_config(make_config(missing)))
+    with pytest.raises(views.ColumnError, match="score column 'no_such_score' does not exist"):
+        stream_for(weights.source_from_config(make_config(missing)))
     empty = [dict(name="a", start=0, weights="uniform", keep={"code": "quality:0.5:0.5000001"})]
     with pytest.raises(ValueError, match="keeps no documents"):
-        stream_for(curriculum.schedule_from_config(make_config(empty)))
+        stream_for(weights.source_from_config(make_config(empty)))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -180,6 +181,7 @@ def curriculum_run(tmp_path_factory):
     return w
 
 
+@pytest.mark.e2e
 def test_curriculum_config_logs_weights_lr_and_stage_at_80_percent(curriculum_run):
     recs = [json.loads(l) for l in (curriculum_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 11))
@@ -193,6 +195,7 @@ def test_curriculum_config_logs_weights_lr_and_stage_at_80_percent(curriculum_ru
     assert png.exists() and png.stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_resume_across_a_stage_boundary_is_exact(curriculum_run, tmp_path):
     w = tmp_path / "run"
     shutil.copytree(curriculum_run, w)
@@ -204,6 +207,7 @@ def test_resume_across_a_stage_boundary_is_exact(curriculum_run, tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), s
 
 
+@pytest.mark.e2e
 def test_resume_with_an_edited_future_and_a_refused_past(curriculum_run, tmp_path):
     w = tmp_path / "run"
     shutil.copytree(curriculum_run, w)
@@ -255,23 +259,24 @@ def test_average_of_known_trees():
         average_params([a, b], [1, -1])
 
 
+@pytest.mark.e2e
 def test_average_cli_writes_a_checkpoint_eval_reads(curriculum_run, tmp_path):
     out = tmp_path / "avg"
     proc = subprocess.run([sys.executable, "-m", "loam.average", f"--workdir={curriculum_run}",
-                           "--last", "3", "--weights", "1,1,2", f"--out={out}"], env=_env(1),
+                           "--last", "3", "--weights", "1,1,2", f"--out={out}"], env=env(1),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    from loam import eval as eval_lib
-    run_ = eval_lib.load_run(out)
-    parts = [eval_lib.load_run(curriculum_run, s)["params"] for s in (6, 8, 10)]
+    from loam import run as run_lib
+    averaged, _, _ = run_lib.load_params(out)
+    parts = [run_lib.load_params(curriculum_run, s)[0] for s in (6, 8, 10)]
     import jax
     expected = jax.tree.map(lambda a, b, c: (a + b + 2 * c) / 4, *parts)
-    for x, y in zip(jax.tree.leaves(run_["params"]), jax.tree.leaves(expected)):
+    for x, y in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected)):
         assert np.allclose(np.asarray(x), np.asarray(y), atol=1e-6)
-    ev = subprocess.run([sys.executable, "-m", "loam.eval", f"--workdir={out}"], env=_env(1),
+    ev = subprocess.run([sys.executable, "-m", "loam.eval", f"--workdir={out}"], env=env(1),
                         capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr
     assert (out / "eval" / "step_10.json").exists()
     bad = subprocess.run([sys.executable, "-m", "loam.average", f"--workdir={curriculum_run}",
-                          "--last", "50"], env=_env(1), capture_output=True, text=True)
+                          "--last", "50"], env=env(1), capture_output=True, text=True)
     assert bad.returncode != 0 and "holds only" in bad.stderr

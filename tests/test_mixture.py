@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loam.data import corpora, mixture, objectives, tokenized
+from loam.data import corpora, heldout, objectives, recipes, tokenized, weights
+from loam.data import stream as stream_lib
 from loam.data import vocab as vocab_lib
 
 DOMAINS = list(corpora.DOMAIN_NAMES)
@@ -30,9 +31,9 @@ def cache_dir(tmp_path_factory):
 
 
 def _stream(objective="causal", weights=None, seq_len=512, batch_size=16, seed=0, **kw):
-    weights = mixture.uniform(len(DOMAINS)) if weights is None else weights
-    return mixture.MixtureStream(kw.pop("domains", DOMAINS), objective, weights, seq_len,
-                                 batch_size, seed, **kw)
+    weights = recipes.uniform(len(DOMAINS)) if weights is None else weights
+    return stream_lib.MixtureStream(kw.pop("domains", DOMAINS), objective, weights, seq_len,
+                                    batch_size, seed, **kw)
 
 
 def _write_corpus(directory: Path, domain: str, texts):
@@ -104,7 +105,7 @@ def test_bad_corpora_give_clear_errors(tmp_path, case, match):
     with pytest.raises(corpora.CorpusError, match=match):
         tokenized.TokenizedCorpus("docs", tmp_path, cache=tmp_path / "cache")
     with pytest.raises(ValueError, match=match):  # the stream surfaces the same message
-        mixture.MixtureStream(["docs"], "causal", [1.0], 64, 2, 0, data_dir=tmp_path)
+        stream_lib.MixtureStream(["docs"], "causal", [1.0], 64, 2, 0, data_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -112,20 +113,20 @@ def test_bad_corpora_give_clear_errors(tmp_path, case, match):
 
 def test_weight_recipes():
     sizes = {"a": 100.0, "b": 300.0, "c": 600.0}
-    assert mixture.proportional(sizes) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
-    np.testing.assert_allclose(mixture.temperature([1, 3, 6], 1.0), [0.1, 0.3, 0.6])
-    t = mixture.temperature([1, 3, 6], 1e6)
+    assert recipes.proportional(sizes) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    np.testing.assert_allclose(recipes.temperature([1, 3, 6], 1.0), [0.1, 0.3, 0.6])
+    t = recipes.temperature([1, 3, 6], 1e6)
     np.testing.assert_allclose(t, np.full(3, 1 / 3), atol=1e-5)
-    t2 = mixture.temperature([1, 3, 6], 2.0)
+    t2 = recipes.temperature([1, 3, 6], 2.0)
     np.testing.assert_allclose(t2, np.sqrt([1, 3, 6]) / np.sqrt([1, 3, 6]).sum())
-    assert mixture.uniform(["x", "y"]) == {"x": 0.5, "y": 0.5}
+    assert recipes.uniform(["x", "y"]) == {"x": 0.5, "y": 0.5}
     # UniMax: budget 3000 tokens, at most 5 epochs: 'a' is capped at 500, the rest share 2500.
-    u = mixture.unimax(sizes, 3000, 5)
+    u = recipes.unimax(sizes, 3000, 5)
     assert u == pytest.approx({"a": 500 / 3000, "b": 1250 / 3000, "c": 1250 / 3000})
     # When every domain hits its cap, the weights are the capped token counts.
-    assert mixture.unimax(sizes, 3000, 2) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    assert recipes.unimax(sizes, 3000, 2) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
     # A budget every domain can afford uniformly gives uniform weights.
-    np.testing.assert_allclose(mixture.unimax([100, 300, 600], 150, 4), np.full(3, 1 / 3))
+    np.testing.assert_allclose(recipes.unimax([100, 300, 600], 150, 4), np.full(3, 1 / 3))
 
 
 @pytest.mark.parametrize("weights,match", [
@@ -139,7 +140,7 @@ def test_weight_recipes():
 ])
 def test_validate_weights_errors(weights, match):
     with pytest.raises(ValueError, match=match):
-        mixture.validate_weights(weights, ["code", "docs"])
+        recipes.validate_weights(weights, ["code", "docs"])
 
 
 def test_bad_stream_configs():
@@ -158,7 +159,7 @@ def test_bad_stream_configs():
     s.batch(2)
     with pytest.raises(ValueError, match="at step 3.*non-negative"):
         s.batch(3)
-    assert mixture.resolve_domain("loam_code_causal") == "code"
+    assert corpora.resolve_domain("loam_code_causal") == "code"
 
 
 # ----------------------------------------------------------------------------- packing
@@ -224,7 +225,8 @@ def test_long_documents_split_not_dropped_and_epochs(tmp_path):
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(5, 400, size=80)]
     data_dir = _write_corpus(tmp_path, "dialogue", texts)
-    s = mixture.MixtureStream(["dialogue"], "causal", [1.0], 64, 4, seed=3, data_dir=data_dir)
+    s = stream_lib.MixtureStream(["dialogue"], "causal", [1.0], 64, 4, seed=3,
+                                 data_dir=data_dir)
     split = s.data[0].split
     assert split.lengths.max() > 4 * 64  # documents much longer than a row
     rows_epoch0 = s.epoch_stats(0, 0)["rows"]
@@ -278,15 +280,16 @@ def test_process_slices_concatenate_to_global_batch():
 def test_same_batch_in_a_fresh_process(tmp_path, cache_dir):
     code = (
         "import sys, numpy as np\n"
-        "from loam.data import mixture\n"
-        "s = mixture.MixtureStream(['literature', 'code', 'reference'], 'ul2',\n"
+        "from loam.data import stream as stream_lib\n"
+        "s = stream_lib.MixtureStream(['literature', 'code', 'reference'], 'ul2',\n"
         "    lambda t: [1.0, 2.0, 1.0 + t % 3], 512, 8, seed=42)\n"
         "np.savez(sys.argv[1], **s.batch(23))\n")
     out = tmp_path / "batch.npz"
     env = dict(os.environ, LOAM_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=REPO)
-    here = mixture.MixtureStream(["literature", "code", "reference"], "ul2",
-                                 lambda t: [1.0, 2.0, 1.0 + t % 3], 512, 8, seed=42).batch(23)
+    here = stream_lib.MixtureStream(["literature", "code", "reference"], "ul2",
+                                    lambda t: [1.0, 2.0, 1.0 + t % 3], 512, 8,
+                                    seed=42).batch(23)
     with np.load(out) as there:
         _same(dict(there), here)
 
@@ -334,7 +337,7 @@ def test_step_dependent_schedule_shares():
 
 
 def test_schedule_object_interface():
-    class Stages(mixture.MixtureSchedule):
+    class Stages(weights.Schedule):
         def weights_at(self, step):
             return np.eye(len(self.domains))[min(step // 10, len(self.domains) - 1)]
 
@@ -342,7 +345,7 @@ def test_schedule_object_interface():
     assert set(s.batch(3)["domain_ids"][:, 0].tolist()) == {0}
     assert set(s.batch(25)["domain_ids"][:, 0].tolist()) == {2}
     # A schedule over the domains in another order (or a subset) is matched by name.
-    s2 = _stream(weights=mixture.constant({"code": 1.0, "literature": 3.0}), batch_size=4)
+    s2 = _stream(weights=weights.constant({"code": 1.0, "literature": 3.0}), batch_size=4)
     np.testing.assert_allclose(s2.weights_at(0), [0.75, 0, 0.25, 0, 0])
     assert s2.rows_consumed(10).tolist() == [30, 0, 10, 0, 0]
 
@@ -351,8 +354,8 @@ def test_schedule_object_interface():
 
 
 def test_eval_batches_fixed_and_cover_bytes():
-    batches, nbytes = mixture.eval_batches("docs", objectives.CausalLM(), 256, 4, 20000)
-    again, nbytes2 = mixture.eval_batches("docs", "causal", 256, 4, 20000)
+    batches, nbytes = heldout.eval_batches("docs", objectives.CausalLM(), 256, 4, 20000)
+    again, nbytes2 = heldout.eval_batches("docs", "causal", 256, 4, 20000)
     assert nbytes == nbytes2 and len(batches) == len(again)
     for a, b in zip(batches, again):
         _same(a, b)
@@ -363,9 +366,9 @@ def test_eval_batches_fixed_and_cover_bytes():
     assert total == int(val.offsets[n_docs]) <= 20000  # whole documents, every token scored
     assert all(b["targets"].shape == (4, 256) for b in batches)
     assert np.all(batches[0]["domain_ids"] == corpora.DOMAIN_NAMES.index("docs"))
-    sc, _ = mixture.eval_batches("docs", "span_corruption", 256, 4, 20000)
+    sc, _ = heldout.eval_batches("docs", "span_corruption", 256, 4, 20000)
     assert sum(float(b["loss_weights"].sum()) for b in sc) < total
     # A budget below the first document still evaluates that one document.
-    one, one_bytes = mixture.eval_batches("docs", "causal", 256, 4, 1)
+    one, one_bytes = heldout.eval_batches("docs", "causal", 256, 4, 1)
     assert one_bytes == val.doc_bytes[0]
     assert sum(int(b["loss_weights"].sum()) for b in one) == val.offsets[1]

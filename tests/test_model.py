@@ -25,7 +25,7 @@ def _init(cfg, length=16, seed=0):
     return model, init(jax.random.key(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_apply(model):
     return jax.jit(lambda p, x, s, q, f: model.apply({"params": p}, x, segment_ids=s,
                                                       positions=q, prefix=f))

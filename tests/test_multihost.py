@@ -7,11 +7,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_train import CONFIG, ROOT, SMALL, _env, losses
+from helpers import CONFIG, SMALL, env, losses
+
+pytestmark = pytest.mark.e2e
 
 STEPS = ["--config.steps=6", "--config.checkpoint_every=3"]
 
@@ -25,7 +26,7 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
     single = tmp_path / "single"
     cmd = [sys.executable, "-m", "loam.train", f"--config={CONFIG}", *SMALL, *STEPS]
-    one = subprocess.run([*cmd, f"--workdir={single}"], env=_env(8), capture_output=True,
+    one = subprocess.run([*cmd, f"--workdir={single}"], env=env(8), capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr
 
@@ -33,7 +34,7 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     procs = [subprocess.Popen(
         [*cmd, f"--workdir={multi}", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}"], env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         f"--process_id={i}"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):

@@ -3,7 +3,7 @@ sampler and epoch caps, the written proposal config, and bad input."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -86,7 +86,8 @@ def test_mixing_law_fit_recovers_parameters_and_optimum():
     upper = np.array([1.0, 1.0, 0.35, 1.0])
     candidates = regmix.sample_mixtures(100_000, np.full(D, 0.25), 1.0, seed=8, upper=upper)
     w, info = laws.propose(list(fitted.values()), candidates, upper=upper)
-    true_mean = lambda r: np.mean(c_true + k_true * np.exp(np.atleast_2d(r) @ t_true.T), axis=1)
+    def true_mean(r):
+        return np.mean(c_true + k_true * np.exp(np.atleast_2d(r) @ t_true.T), axis=1)
     # The true optimum on the capped simplex, by projected descent on the true law.
     true_law = [laws.MixingLaw(c_true[i], k_true[i], tuple(t_true[i]), 0.0) for i in range(D)]
     optimum, _ = laws.optimize_mixture(true_law, candidates[:64], upper, steps=1500)
@@ -123,23 +124,36 @@ def test_bad_input_and_non_finite_proxies(tmp_path):
     assert regmix.target_domains("code", DOMAINS[:2]) == ["code"]  # held out of the mixture
     with pytest.raises(regmix.MixSearchError, match="no eval loss for \\['code'\\]"):
         regmix.target_values([{"docs": 1.0}], "code", DOMAINS)
+    from loam.configs import default
+    from loam.mixing import search
+    bad = default.get_config("runlocal")
+    del bad.data["weights"]
+    bad.data.weights = {"code": float("nan"), "docs": 1.0}
     with pytest.raises(regmix.MixSearchError, match="must be finite"):
-        regmix.write_mixture_config(tmp_path / "x.py", {"code": float("nan")})
+        search.write_proposal(tmp_path / "x.json", bad)
+    assert not (tmp_path / "x.json").exists()
 
 
-def test_written_proposal_is_a_train_config(tmp_path):
-    path = regmix.write_mixture_config(tmp_path / "proposal.py", {"code": 0.7, "docs": 0.3},
-                                       base_arg="size=nano,steps=7",
-                                       overrides={"optim.lr": 1e-3})
-    spec = importlib.util.spec_from_file_location("proposal", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("steps=9")
-    assert c.steps == 9 and c.model.size == "nano" and c.optim.lr == 1e-3
-    assert dict(c.data.weights) == {"code": 0.7, "docs": 0.3}
+def test_written_proposal_is_a_json_train_config(tmp_path):
+    """A proposal is the resolved target-size config, as JSON: `--config proposal.json` loads it
+    (never generated Python)."""
+    from loam import cli
+    from loam.configs import regmix as regmix_config
+    from loam.mixing import search
+
+    search_config = regmix_config.get_config("runlocal")
+    search_config.proxy.data.domains = ["code", "docs"]
+    written = search._target_config(search_config, {"code": 0.7, "docs": 0.3})
+    path = search.write_proposal(tmp_path / "proposals" / "regmix.json", written)
+    assert path.suffix == ".json" and json.loads(path.read_text())["data"]["weights"] == {
+        "code": 0.7, "docs": 0.3}
+    c = cli.load_config(str(path))
+    assert c.to_dict() == written.to_dict()
+    t = search_config.target
+    assert (c.steps, c.model.size, c.data.seq_len, c.optim.lr) == (t.steps, t.size, t.seq_len, t.lr)
     assert list(c.data.domains) == ["code", "docs"]
-    from loam.data import mixture
-    sched = mixture.schedule_from_config(c)
+    from loam.data import weights
+    sched = weights.source_from_config(c)
     np.testing.assert_allclose(sched.weights_at(0), [0.7, 0.3])
 
 
@@ -166,6 +180,7 @@ def test_mixsearch_rejects_bad_configs_before_training(tmp_path):
     assert not (tmp_path / "d" / "proxies").exists()
 
 
+@pytest.mark.e2e
 def test_mixsearch_end_to_end_validates_and_resumes(tmp_path, capsys):
     """The whole loop on the bundled corpus (miniature sizes): proxies, fits, proposals written as
     configs, target-size validation with seeds, report and plots; a second call resumes."""
@@ -191,8 +206,13 @@ def test_mixsearch_end_to_end_validates_and_resumes(tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert "vs uniform (paired mean ± s.e.)" in text and "| uniform |" in text
     for f in ("report.json", "proxies.jsonl", "predicted_vs_observed.png", "proposals.png",
-              "proposals/regmix.py", "proposals/mixing_law.py"):
+              "proposals/regmix.json", "proposals/mixing_law.json", "config.json"):
         assert (tmp_path / f).stat().st_size > 0, f
+    from loam import cli
+    proposal = cli.load_config(str(tmp_path / "proposals" / "regmix.json"))
+    assert dict(proposal.data.weights) == rows["regmix"]["weights"]
+    assert proposal.model.size == c.target.size and proposal.steps == c.target.steps
+    assert not list((tmp_path / "proposals").glob("*.py"))
     capsys.readouterr()
     again = mixsearch.run(c, tmp_path)  # resumes: every swarm is already finished
     out = capsys.readouterr().out

@@ -131,6 +131,7 @@ def test_chinchilla_replication_full_grid():
   assert got.B == pytest.approx(2143.0, rel=0.05)
 
 
+@pytest.mark.e2e
 def test_cli_writes_json_and_plots(tmp_path):
   n, d, loss = isoflop_runs(budgets=(1e15, 1e16, 1e17, 1e18), sizes=9)
   rng = np.random.default_rng(0)
@@ -200,6 +201,7 @@ def test_too_few_points():
     laws.fit_envelope([1e6, np.inf], [1e8, 1e9], [3.0, 2.9])
 
 
+@pytest.mark.e2e
 def test_cli_bad_input_exits_nonzero_with_one_message(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "loam.scaling.fit", "--results", str(tmp_path / "missing.csv")],

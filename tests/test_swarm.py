@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from loam import run as run_lib
 from loam import step as step_lib
-from loam import train as train_lib
 from loam.configs import default
 from loam.mixing import swarm as sw
 from loam.model import sharding
@@ -40,15 +40,13 @@ def separate_run_losses(config, member, steps):
     """Losses of the ordinary single-run pieces (loam.train / loam.step) for one member."""
     mc = sw.member_config(config, member)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
-    stream = train_lib.build_stream(mc)
+    stream = run_lib.build_stream(mc)
     o = mc.optim
     if o.lr not in _STEPS:
-        opt = step_lib.make_optimizer(train_lib.lr_schedule(mc), weight_decay=o.weight_decay,
-                                      b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
-        model = train_lib.Transformer(train_lib.build_model_config(mc, 8192))
+        opt = run_lib.build_optimizer(mc)
+        model = run_lib.build_model(mc)
         _, shardings = step_lib.abstract_state(model, opt, mesh, mc.data.seq_len)
-        _STEPS[o.lr] = (model, opt, step_lib.make_train_step(model, opt, mesh, shardings, 5,
-                                                             z_loss=o.z_loss))
+        _STEPS[o.lr] = (model, opt, run_lib.build_train_step(mc, model, opt, mesh, shardings))
     model, opt, train_step = _STEPS[o.lr]
     state, _ = step_lib.init_state(model, opt, jax.random.PRNGKey(mc.seed), mesh,
                                    mc.data.seq_len, mc.data.batch_size)
@@ -92,6 +90,7 @@ def test_swarm_equals_separate_runs_and_freezes_diverging_member(member_loop):
     assert all(v.shape == (4,) and np.isfinite(v).all() for v in evals.values())
 
 
+@pytest.mark.e2e
 def test_swarm_resume_is_exact(tmp_path, capsys):
     config = small_config(steps=4)
     members = MEMBERS[:2] + MEMBERS[3:]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from loam import sweep
@@ -51,8 +52,8 @@ def test_expansion_is_a_product_with_zipped_keys_and_derived_sizes():
         assert c["optim"]["warmup_steps"] == max(1, round(0.25 * c["steps"]))
         assert c["seed"] == r.values["seed"]
     # The named size is overridden by the picked shape in the trainer's model config.
-    from loam import train as train_lib
-    model_cfg = train_lib.build_model_config(ml_collections.ConfigDict(runs[0].config), 8192)
+    from loam import run as run_lib
+    model_cfg = run_lib.model_config(ml_collections.ConfigDict(runs[0].config), 8192)
     assert sizes.count_params(model_cfg)["non_embedding"] == sizes.count_params(
         sizes.pick_size(2e4, 8192))["non_embedding"]
 
@@ -61,7 +62,8 @@ def test_ids_are_stable_and_change_only_where_values_change():
     axes = [{"optim.lr": [1e-3, 3e-3]}, {"seed": [0, 1]}]
     first = [r.run_id for r in sweep.expand(_sweep(axes))]
     assert first == [r.run_id for r in sweep.expand(_sweep(axes))]
-    edited = [r.run_id for r in sweep.expand(_sweep([{"optim.lr": [1e-3, 1e-2]}, {"seed": [0, 1]}]))]
+    edited = [r.run_id
+              for r in sweep.expand(_sweep([{"optim.lr": [1e-3, 1e-2]}, {"seed": [0, 1]}]))]
     assert edited[:2] == first[:2]  # lr=1e-3 runs keep their ids
     assert not set(edited[2:]) & set(first)
     assert all("lr=" in i and "seed=" in i for i in first)
@@ -112,7 +114,8 @@ def get_config(arg=None):
 
 
 def _cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, "-m", "loam.sweep", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -120,7 +123,8 @@ def _cli(*args, cwd=ROOT):
 def test_list_prints_one_launch_command_per_run(tmp_path, capsys):
     cfg = tmp_path / "s.py"
     cfg.write_text(SWEEP_FILE)
-    assert sweep.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--list"]) == 0
+    assert sweep.main(["sweep", "--config", str(cfg), "--workdir", str(tmp_path / "w"),
+                       "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     runs = sweep.expand(sweep.load_sweep(str(cfg)))
     assert len(lines) == len(runs) == 3
@@ -137,8 +141,11 @@ def test_list_prints_one_launch_command_per_run(tmp_path, capsys):
 def test_unknown_field_is_a_cli_error(tmp_path, capsys):
     cfg = tmp_path / "s.py"
     cfg.write_text(SWEEP_FILE.replace('"optim.schedule"', '"optim.shedule"'))
-    assert sweep.main(["--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
-    err = capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["sweep", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: ")
     assert "optim.shedule" in err and "schedule" in err and "warmup_steps" in err
 
 
@@ -147,6 +154,7 @@ def _table(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, capsys):
     cfg = tmp_path / "s.py"
     cfg.write_text(SWEEP_FILE)
@@ -171,7 +179,8 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, ca
     assert list(rows) == [r.run_id for r in runs]  # complete, in sweep order
     header = list(next(iter(rows.values())))
     for col in ["run_id", "status", "seed", "optim.schedule", "N", "N_total", "D", "C", "C_attn",
-                "loss", "wall_seconds", "error"] + [f"loss/{d}" for d in runs[0].config["data"]["domains"]]:
+                "loss", "wall_seconds", "error"] + [
+                    f"loss/{d}" for d in runs[0].config["data"]["domains"]]:
         assert col in header, col
     ok, bad = [rows[r.run_id] for r in runs[:2]], rows[runs[2].run_id]
     nano = sizes.count_params(sizes.get_size("nano", 8192, tied_embeddings=False))
@@ -188,14 +197,16 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, ca
 
     # The fitter reads the table, drops the failed row and says so; two runs are too few.
     from loam.scaling import fit as fit_lib
-    assert fit_lib.main(["--results", str(work)]) == 2
+    with pytest.raises(SystemExit) as e:
+        fit_lib.main(["--results", str(work)])
+    assert e.value.code == 1
     err = capsys.readouterr().err
     assert "status is not 'ok'" in err and "needs at least" in err
 
     # --collect rebuilds the same table from the run directories.
     before = (work / "results.csv").read_text()
     (work / "results.csv").unlink()
-    assert sweep.main(["--config", str(cfg), "--workdir", str(work), "--collect"]) == 0
+    assert sweep.main(["sweep", "--config", str(cfg), "--workdir", str(work), "--collect"]) == 0
     assert (work / "results.csv").read_text() == before
 
 
@@ -229,3 +240,72 @@ def test_fit_predicts_holdout_and_flags_unbracketed_budgets(tmp_path, shift):
     assert abs(held["loss"]["relative_error"]) < 0.01
     unbracketed = [w for w in report["warnings"] if "does not bracket" in w]
     assert bool(unbracketed) == (shift > 1)
+
+
+# ------------------------------------------------------------------- the LR x curriculum grid
+
+def test_lr_curriculum_grid_is_a_sweep_of_every_cell_and_seed():
+    from loam.configs import lr_curriculum as grid
+
+    spec = "loam/configs/lr_curriculum.py:seeds=2,steps=24,size=nano"
+    runs = sweep.expand(sweep.load_sweep(spec))
+    assert len(runs) == len(grid.LR) * len(grid.ORDERS) * 2 == 12
+    from loam.experiments import lr_curriculum as summary
+    cells = sorted((*summary._cell(r.config), r.config["seed"]) for r in runs)
+    assert cells == sorted((o, lr, s) for o in grid.ORDERS for lr in grid.LR for s in (0, 1))
+    for r in runs:
+        (stage,) = r.config["data"]["stages"]
+        assert f"stages={stage['name']}" in r.run_id
+        schedule, final = grid.LR[summary._cell(r.config)[1]]
+        assert (r.config["optim"]["schedule"], r.config["optim"]["final_lr_fraction"]) == (
+            schedule, final)
+        ordered = {"quality:asc"} if stage["name"] == "asc" else set()
+        assert set(stage["order"].values()) == ordered
+        assert stage["keep"] == runs[0].config["data"]["stages"][0]["keep"]  # same documents
+        assert r.config["checkpoint_every"] == 2 and r.config["keep_checkpoints"] == 4
+    with pytest.raises(Exception, match="steps >= 12"):
+        sweep.load_sweep("loam/configs/lr_curriculum.py:steps=8")
+
+
+def test_lr_curriculum_summary_pairs_seeds():
+    from loam.experiments import lr_curriculum as summary
+
+    rows, gains = [], []
+    for seed, (rand, asc) in enumerate([(3.0, 2.9), (3.2, 3.0), (3.1, 3.05)]):
+        for cell in summary.CELLS:
+            rows += [{"seed": seed, "order": "random", "lr": cell, "loss": rand},
+                     {"seed": seed, "order": "asc", "lr": cell, "loss": asc}]
+        gains.append(rand - asc)
+    rows.append({"seed": 7, "order": "asc", "lr": "cosine", "loss": 9.0})  # unpaired: ignored
+    out = summary.summarise(rows)
+    assert list(out) == list(summary.CELLS)
+    s = out["cosine"]
+    assert s["seeds"] == 3 and s["curriculum_gain"] == pytest.approx(np.mean(gains))
+    assert s["gain_se"] == pytest.approx(np.std(gains, ddof=1) / np.sqrt(3))
+    assert s["random_mean"] == pytest.approx(3.1) and s["asc_mean"] == pytest.approx(2.983333333)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_lr_curriculum_grid_trains_through_the_sweep_and_summarises(tmp_path):
+    work = tmp_path / "grid"
+    proc = _cli("--config", "loam/configs/lr_curriculum.py:seeds=1,steps=12,size=nano",
+                "--workdir", str(work), "--parallel", "2", "--config.base.eval_tokens=1024")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": 6, "failed": 0, "skipped": 0}
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-m", "loam.experiments.lr_curriculum", "--workdir",
+                           str(work)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((work / "results.json").read_text())
+    assert list(result["summary"]) == ["constant", "cosine", "moderate", "moderate+avg"]
+    for cell in result["summary"].values():
+        assert cell["seeds"] == 1
+        assert 4.0 < cell["random_mean"] < 9.2 and 4.0 < cell["asc_mean"] < 9.2
+    averaged = sorted(work.glob("runs/*/avg_last4/averaged.json"))
+    assert len(averaged) == 2
+    assert all(json.loads(p.read_text())["steps"] == [9, 10, 11, 12] for p in averaged)
+    assert "| moderate+avg |" in (work / "results.md").read_text()
+    assert (work / "results.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,16 +1,22 @@
 """tfds builders and seqio tasks over the bundled corpora (real data, real tfds datasets)."""
 
-import gzip
-import json
+import importlib.util
 import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from etils import epath
 
-from loam.data import corpora, objectives, tfds_builders
-from loam.data import vocab as vocab_lib
+# These tests need the [seqio] extra (seqio, TensorFlow, tensorflow-datasets). seqio is looked up
+# rather than imported: importing it loads TensorFlow into the whole test process at collection.
+SEQIO_EXTRA = "needs the [seqio] extra: pip install -e '.[seqio]'"
+if importlib.util.find_spec("seqio") is None:
+    pytest.skip(SEQIO_EXTRA, allow_module_level=True)
+tfds = pytest.importorskip("tensorflow_datasets", reason=SEQIO_EXTRA)
+
+from etils import epath  # noqa: E402
+
+from loam.data import corpora, objectives, tfds_builders  # noqa: E402
+from loam.data import vocab as vocab_lib  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -213,7 +219,8 @@ def test_packed_prefix_rows_keep_each_examples_prefix(tasks):
 
 def test_seqio_vocabulary_matches_loam_ids(tasks):
     loam_vocab = vocab_lib.default_vocabulary()
-    seqio_vocab = vocab_lib.seqio_vocabulary()
+    seqio_vocab = tasks.ExactSentencePieceVocabulary(str(vocab_lib.MODEL_PATH),
+                                                    extra_ids=vocab_lib.NUM_SENTINELS)
     task_vocab = tasks.vocabulary()
     code = _corpus("code")
     texts = ["In the beginning God created the heaven and the earth.",

@@ -5,56 +5,17 @@ checkpoint, SIGTERM, the non-finite-loss stop, a different mesh on resume, and e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "loam/configs/default.py")
-# A miniature run: nano model, short sequences, checkpoints every 4 steps.
-SMALL = ["--config.model.size=nano", "--config.data.seq_len=64", "--config.data.batch_size=8",
-         "--config.steps=12", "--config.optim.warmup_steps=2", "--config.log_every=1",
-         "--config.checkpoint_every=4", "--config.eval_every=1000", "--config.eval_tokens=1024",
-         "--config.keep_checkpoints=5"]
+from helpers import CONFIG, SMALL, env, losses, rewind, run_train
 
-
-def _env(devices: int = 8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def run_train(workdir, *extra, devices=8, check=True, config=CONFIG, base=SMALL, **kw):
-    cmd = [sys.executable, "-m", "loam.train", f"--config={config}", f"--workdir={workdir}",
-           *base, *extra]
-    proc = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=600,
-                          **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def losses(workdir) -> dict[int, float]:
-    out = {}
-    for line in Path(workdir, "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run overwrites the replayed steps
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reference")
-    run_train(workdir)
-    return workdir
+pytestmark = pytest.mark.e2e
 
 
 def test_run_directory_contents(reference_run):
@@ -91,7 +52,7 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     """Kill -9 mid-run, restart: the loss curve equals the uninterrupted one."""
     cmd = [sys.executable, "-m", "loam.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
            *SMALL]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until a checkpoint beyond step 4 exists, then kill
         if (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 6:
@@ -106,16 +67,6 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     assert sorted(got) == sorted(ref)
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), s
-
-
-def rewind(workdir, step):
-    """The state of a run killed right after its checkpoint at `step`."""
-    for p in (workdir / "checkpoints").iterdir():
-        if p.name.isdigit() and int(p.name) > step:
-            shutil.rmtree(p)
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    (workdir / "metrics.jsonl").write_text(
-        "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
 
 
 def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path):
@@ -140,7 +91,7 @@ def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "loam.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
            *SMALL, "--config.steps=400", "--config.checkpoint_every=1000"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -175,15 +126,15 @@ def test_resume_on_a_different_mesh(reference_run, tmp_path):
 
 def test_eval_cli_writes_per_domain_results(reference_run):
     proc = subprocess.run([sys.executable, "-m", "loam.eval", f"--workdir={reference_run}",
-                           "--all"], env=_env(1), capture_output=True, text=True, timeout=600)
+                           "--all"], env=env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for s in (4, 8, 12):
         rec = json.loads((reference_run / "eval" / f"step_{s}.json").read_text())
-        for d, v in rec["per_domain"].items():
+        for v in rec["per_domain"].values():
             assert v["loss"] > 0 and v["bits_per_byte"] > 0 and v["unigram_loss"] > 0
         assert rec["loss_token_weighted"] > 0
     bad = subprocess.run([sys.executable, "-m", "loam.eval", f"--workdir={reference_run}",
-                          "--step", "5"], env=_env(1), capture_output=True, text=True)
+                          "--step", "5"], env=env(1), capture_output=True, text=True)
     assert bad.returncode != 0 and "no checkpoint for step(s) [5]" in bad.stderr
 
 

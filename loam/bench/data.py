@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from loam.data import corpora
-from loam.data import mixture as mixture_lib
+from loam.data import corpora, recipes
+from loam.data import stream as stream_lib
 
 
 def _time_batches(next_batch, n: int, segment_key: str) -> tuple[float, int, int]:
@@ -37,8 +37,8 @@ def _time_batches(next_batch, n: int, segment_key: str) -> tuple[float, int, int
 
 def bench_stream(domains, weights, args) -> dict:
     t0 = time.perf_counter()
-    stream = mixture_lib.MixtureStream(domains, "causal", weights, seq_len=args.seq_len,
-                                       batch_size=args.batch_size, seed=args.seed)
+    stream = stream_lib.MixtureStream(domains, "causal", weights, seq_len=args.seq_len,
+                                      batch_size=args.batch_size, seed=args.seed)
     for step in range(args.warmup):
         stream.batch(step)
     setup = time.perf_counter() - t0
@@ -51,6 +51,7 @@ def bench_stream(domains, weights, args) -> dict:
 def bench_seqio(domains, weights, args) -> dict:
     t0 = time.perf_counter()
     import seqio  # noqa: PLC0415 — only this half of the benchmark needs seqio/TF
+
     from loam.data import tasks  # noqa: PLC0415
     mix = seqio.Mixture("loam.bench.causal", [(tasks.task_name(d, "causal"), float(weights[d]))
                                               for d in domains])
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     domains = list(corpora.DOMAIN_NAMES)
-    weights = mixture_lib.proportional(dict(zip(domains, mixture_lib.domain_sizes(domains))))
+    weights = recipes.proportional(dict(zip(domains, recipes.domain_sizes(domains))))
     stream = bench_stream(domains, weights, args)
     seq = bench_seqio(domains, weights, args)
     report = {

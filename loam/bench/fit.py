@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+import scipy.optimize
 
 from loam.scaling import fit as fit_cli
 from loam.scaling import laws
@@ -54,8 +55,6 @@ def _numpy_objective(log_n, log_d, log_l):
 
 def scipy_fit(N, D, L, starts: np.ndarray, budget_seconds: float) -> tuple[dict, float, int, int]:
   """(best law as dict, seconds, starts run, converged starts), stopping after budget_seconds."""
-  import scipy.optimize
-
   objective = _numpy_objective(np.log(N), np.log(D), np.log(L))
   best_value, best_x, done, converged = np.inf, None, 0, 0
   t0 = time.perf_counter()

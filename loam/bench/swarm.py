@@ -18,6 +18,13 @@ import time
 import jax
 import numpy as np
 
+from loam import perf
+from loam import run as run_lib
+from loam import step as step_lib
+from loam.configs import default
+from loam.mixing import swarm as sw
+from loam.model import sharding, sizes
+
 
 def _block(tree):
     jax.block_until_ready(tree)
@@ -26,13 +33,6 @@ def _block(tree):
 
 def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4,
         steps: int = 4, seed: int = 0, member_loop: str | None = None) -> dict:
-    from loam import step as step_lib
-    from loam import train as train_lib
-    from loam.configs import default
-    from loam.data import corpora
-    from loam.mixing import swarm as sw
-    from loam.model import sharding, sizes
-
     config = default.get_config(f"size={size},steps=1000,seq_len={seq_len},"
                                 f"batch_size={batch_size}")
     rng = np.random.default_rng(seed)
@@ -70,18 +70,15 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
 
     # Sequential: the ordinary train step, one member after another.
     mesh = sharding.make_mesh(data=-1)
-    o = config.optim
-    optimizer = step_lib.make_optimizer(train_lib.lr_schedule(config),
-                                        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                        clip_norm=o.clip_norm)
+    optimizer = run_lib.build_optimizer(config)
     train_step = None
     seq_s, seq_compile_s, seq_losses = 0.0, 0.0, []
     for i in range(k):
         st, shardings = step_lib.init_state(swarm.model, optimizer, jax.random.PRNGKey(i), mesh,
                                             seq_len, batch_size)
         if train_step is None:
-            train_step = step_lib.make_train_step(swarm.model, optimizer, mesh, shardings,
-                                                  len(corpora.DOMAIN_NAMES), z_loss=o.z_loss)
+            train_step = run_lib.build_train_step(config, swarm.model, optimizer, mesh,
+                                                  shardings)
         mb = [sharding.shard_batch({f: v[i] for f, v in b.items()}, mesh) for b in host]
         t = time.perf_counter()
         st, mm = train_step(st, mb[0])
@@ -96,7 +93,6 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
         del st
 
     tokens = steps * k * tokens_per_member_step
-    from loam import perf
     peak = perf.matmul_peak_flops(2048, 8, 2.0)
     fpt = sizes.flops_per_token(model_cfg, seq_len)
     result = {

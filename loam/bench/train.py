@@ -15,10 +15,8 @@ loam.model.sizes (6N + 12 L d T) and the peak the best float32 2048x2048 matmul 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
-import statistics
 import sys
 import time
 

@@ -25,4 +25,8 @@ def get_config(arg: str | None = None):
              order={"literature": "quality:asc"}, keep={"code": "quality:0.5:1.0"}),
     ]
     c.data.interpolate = False
+    # Four checkpoints inside the annealing stage (the last 20%), for checkpoint averaging:
+    # python -m loam.average --workdir DIR --last 4
+    c.checkpoint_every = max(1, c.steps // 15)
+    c.keep_checkpoints = 4
     return c

@@ -12,21 +12,41 @@ import ml_collections
 
 from loam.data.corpora import DOMAIN_NAMES
 
+RUNLOCAL = dict(size="nano", steps=20, seq_len=64, batch_size=8)
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-    """'size=mini,steps=200,runlocal' -> ConfigDict with typed values (from the defaults)."""
-    out = ml_collections.ConfigDict(defaults)
+
+def parse_arg(arg: str | None, presets: dict | None = None,
+              **defaults) -> ml_collections.ConfigDict:
+    """'size=mini,steps=200,runlocal' -> ConfigDict with typed values (from the defaults).
+
+    `presets` maps a switch (a bool argument such as `runlocal`) to argument values it sets;
+    values given explicitly win over a preset, in any order: `runlocal,steps=50` is 50 steps.
+    """
+    explicit = {}
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
             raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
         kind = type(defaults[key])
-        out[key] = (value.lower() in ("", "1", "true", "yes")) if kind is bool else kind(value)
+        if kind is bool:
+            explicit[key] = value.lower() in ("", "1", "true", "yes")
+            continue
+        try:
+            explicit[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} is not a valid "
+                             f"{kind.__name__}") from None
+    out = ml_collections.ConfigDict(defaults)
+    for switch, values in (presets or {}).items():
+        if explicit.get(switch, defaults.get(switch)):
+            out.update({k: v for k, v in values.items() if k not in explicit})
+    out.update(explicit)
     return out
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, size="tiny", steps=300, seq_len=256, batch_size=16, runlocal=False)
+    a = parse_arg(arg, presets={"runlocal": RUNLOCAL}, size="tiny", steps=300, seq_len=256,
+                  batch_size=16, runlocal=False)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = a.steps
@@ -56,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Curriculum stages (see loam/data/curriculum.py); empty: `weights` for the whole run.
     c.data.stages = []
     c.data.interpolate = False
+    c.mixing = ml_collections.ConfigDict()
+    c.mixing.method = "static"  # or an online controller of loam/mixing/online/ (greedy_loss)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
@@ -82,10 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
 
-    if a.runlocal:
-        c.steps = 20
-        c.model.size = "nano"
-        c.data.seq_len, c.data.batch_size = 64, 8
+    if a.runlocal:  # size, steps, seq_len and batch_size come from RUNLOCAL (explicit args win)
         c.optim.warmup_steps = 5
         c.eval_every = c.checkpoint_every = 10
         c.eval_tokens = 2048

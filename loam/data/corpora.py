@@ -1,6 +1,7 @@
 """The five bundled domains: where their text comes from and how it is read.
 
-A corpus is a gzip'd JSON-lines file per domain, one document per line: ``{"id": ..., "text": ...}``.
+A corpus is a gzip'd JSON-lines file per domain, one document per line:
+``{"id": ..., "text": ...}``.
 The repository bundles compact slices (``loam/data/bundled``); ``python -m loam.data.build``
 rebuilds them, or larger versions, from public archives (see ``loam/data/build.py``).
 Reading never touches the network.
@@ -13,8 +14,8 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 # Fraction of documents (by a hash of their id) held out as the validation split.
@@ -46,6 +47,19 @@ DOMAIN_NAMES: tuple[str, ...] = tuple(d.name for d in DOMAINS)
 
 class CorpusError(ValueError):
     """A corpus is missing, empty or malformed; the message says how to fix it."""
+
+
+def resolve_domain(name: str) -> str:
+    """A domain name, or a task name containing exactly one domain name as a word
+    (e.g. ``loam_code`` or ``loam.code.span_corruption``)."""
+    if name in DOMAIN_NAMES:
+        return name
+    words = set(str(name).replace(".", "_").replace(":", "_").replace("-", "_").split("_"))
+    hits = [d for d in DOMAIN_NAMES if d in words]
+    if len(hits) != 1:
+        raise ValueError(f"unknown task or domain {name!r}; use a domain name "
+                         f"({', '.join(DOMAIN_NAMES)}) or a task named after one")
+    return hits[0]
 
 
 def data_dir() -> Path:

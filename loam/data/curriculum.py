@@ -10,49 +10,27 @@
 
 A stage starts at a step (int), a fraction of training (0.8 or "80%"), or a phase of the
 learning-rate schedule ("lr:warmup_end", "lr:decay"), so changing `steps` moves data and learning
-rate together. `weights` is a dict or a recipe (see mixture.schedule_from_config). `order` makes a
+rate together. `weights` is a dict, a list or a recipe (see loam.data.recipes). `order` makes a
 domain's documents arrive sorted by a score column ("column:asc" / "column:desc") instead of
-shuffled; `keep` restricts a domain to a quantile range of a column ("column:lo:hi"). Every stage
-is validated when the run starts.
+shuffled; `keep` restricts a domain to a quantile range of a column ("column:lo:hi") (see
+loam.data.views). Every stage is validated when the run starts; `weights.source_from_config`
+builds the run's source, this module's `StagedWeights` when stages are given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from loam.data import mixture
+from loam.data import recipes
+from loam.data.schedules import Schedule
+from loam.data.views import DEFAULT_VIEW, View
 
 
 class CurriculumError(ValueError):
     """A stage list that cannot run; the message names the stage and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-    """How one domain's documents are drawn: shuffled (default), ordered by a column, and/or
-    restricted to a quantile range of a column. Hashable: rows consumed are counted per view."""
-    order_column: str | None = None
-    ascending: bool = True
-    keep_column: str | None = None
-    keep_range: tuple[float, float] = (0.0, 1.0)
-
-    @property
-    def is_default(self) -> bool:
-        return self.order_column is None and self.keep_column is None
-
-    def describe(self) -> str:
-        parts = []
-        if self.order_column:
-            parts.append(f"order {self.order_column} {'asc' if self.ascending else 'desc'}")
-        if self.keep_column:
-            parts.append(f"keep {self.keep_column} in {list(self.keep_range)}")
-        return ", ".join(parts) or "shuffled"
-
-
-DEFAULT_VIEW = View()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +85,7 @@ def resolve_start(start, config, stage_name: str) -> int:
 
 
 def _parse_view(domain: str, order: str | None, keep: str | None, stage: str) -> View:
-    view = {}
+    view: dict = {}
     if order:
         column, _, direction = order.partition(":")
         if direction not in ("asc", "desc") or not column:
@@ -136,19 +114,13 @@ def _stage_weights(weights, config, domains, stage: str) -> np.ndarray:
                                   f"the mixture's domains are {domains}")
         weights = {d: float(weights.get(d, 0.0)) for d in domains}
         weights = [weights[d] for d in domains]
-    import ml_collections
-
-    data = config.data
-    sub = ml_collections.ConfigDict({"steps": int(config.steps), "data": {
-        "domains": list(domains), "weights": weights, "dir": data.get("dir", ""),
-        "batch_size": int(data.batch_size), "seq_len": int(data.seq_len)}})
     try:
-        return mixture.schedule_from_config(sub).weights_at(0)
+        return recipes.config_weights(config, weights, domains)
     except ValueError as e:
         raise CurriculumError(f"stage {stage!r}: {e}") from None
 
 
-class StagedSchedule(mixture.MixtureSchedule):
+class StagedWeights(Schedule):
     """Piecewise-constant (or piecewise-linear) weights and per-domain views over stages."""
 
     def __init__(self, stages: Sequence[Stage], domains: Sequence[str], interpolate: bool = False):
@@ -169,12 +141,15 @@ class StagedSchedule(mixture.MixtureSchedule):
             w = (1 - f) * w + f * self.stages[i + 1].weights
         return w
 
+    def describe(self) -> dict:
+        return {"interpolate": self.interpolate, "stages": self.to_json()}
+
     def view_at(self, step: int, k: int) -> View:
         return self.stages[self.stage_index(step)].views[k]
 
     def view_intervals(self, k: int) -> list[tuple[int, int | None, View]]:
         """[(first step, end step or None, view)] of domain k, merging equal neighbours."""
-        out = []
+        out: list[tuple[int, int | None, View]] = []
         for i, s in enumerate(self.stages):
             end = self.stages[i + 1].start if i + 1 < len(self.stages) else None
             if out and out[-1][2] == s.views[k]:
@@ -192,13 +167,13 @@ class StagedSchedule(mixture.MixtureSchedule):
                                                             self.interpolate else ")")
 
 
-def schedule_from_config(config) -> mixture.MixtureSchedule:
-    """The run's mixture schedule: `config.data.stages` if given, else constant weights."""
+def stages_from_config(config) -> StagedWeights:
+    """The stages of `config.data.stages` (at least one), validated."""
     data = config.data
     stages_cfg = data.get("stages") or []
     domains = list(data.domains)
     if not stages_cfg:
-        return mixture.schedule_from_config(config)
+        raise CurriculumError("config.data.stages is empty; give at least one stage")
     stages = []
     for i, raw in enumerate(stages_cfg):
         raw = dict(raw)
@@ -232,29 +207,20 @@ def schedule_from_config(config) -> mixture.MixtureSchedule:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise CurriculumError(f"stage names {names} repeat; give each stage its own name")
-    return StagedSchedule(stages, domains, bool(data.get("interpolate", False)))
-
-
-def describe(schedule) -> dict | None:
-    """JSON form of a schedule, saved with checkpoints to detect edits of the past on resume."""
-    if isinstance(schedule, StagedSchedule):
-        return {"interpolate": schedule.interpolate, "stages": schedule.to_json()}
-    if isinstance(schedule, mixture.ConstantSchedule):
-        stage = Stage("constant", 0, np.asarray(schedule.weights, np.float64),
-                      tuple(DEFAULT_VIEW for _ in schedule.domains))
-        return {"interpolate": False, "stages": [stage.to_json(schedule.domains)]}
-    return None  # an arbitrary callable: the saved data position still guards the past
+    return StagedWeights(stages, domains, bool(data.get("interpolate", False)))
 
 
 def first_difference(old: dict, new: dict, upto: int, domains) -> int | None:
-    """The first step before `upto` at which two described schedules differ, or None."""
+    """The first step before `upto` at which two described weight sources differ, or None
+    (descriptions as ``WeightSource.describe`` gives them)."""
     def build(desc):
         stages = [Stage(s["name"], int(s["start"]),
                         np.array([s["weights"].get(d, 0.0) for d in domains], np.float64),
                         tuple(DEFAULT_VIEW for _ in domains)) for s in desc["stages"]]
-        return StagedSchedule(stages, domains, desc["interpolate"]), desc["stages"]
+        return StagedWeights(stages, domains, desc["interpolate"]), desc["stages"]
 
     (a, a_raw), (b, b_raw) = build(old), build(new)
+    candidates: Iterable[int]
     if a.interpolate or b.interpolate:
         candidates = range(upto)
     else:

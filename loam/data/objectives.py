@@ -16,7 +16,7 @@ picks), which lets the stream pack rows before materialising any example.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -210,9 +210,9 @@ def _span_corrupt(tokens, noise_density, mean_span, rng, lead: Sequence[int] = (
     inp = np.where(starts, sentinels, tokens)[~noise | starts]
     # targets: each span's sentinel followed by the span's tokens, then EOS.
     tgt = np.insert(tokens[noise], np.flatnonzero(starts[noise]), sentinels[starts])
-    lead = np.asarray(lead, np.int32)
-    out = np.concatenate([lead, inp, tgt, [EOS_ID]]).astype(np.int32)
-    prefix_len = lead.shape[0] + inp.shape[0]
+    lead_ids = np.asarray(lead, np.int32)
+    out = np.concatenate([lead_ids, inp, tgt, [EOS_ID]]).astype(np.int32)
+    prefix_len = lead_ids.shape[0] + inp.shape[0]
     return _example(out, np.arange(out.shape[0]) >= prefix_len, prefix_len)
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from loam.data import corpora, objectives, tfds_builders, vocab as vocab_lib
+from loam.data import corpora, objectives, tfds_builders
+from loam.data import vocab as vocab_lib
 
 OBJECTIVE_NAMES: tuple[str, ...] = ("causal", "prefix_lm", "span_corruption", "ul2")
 PREFIX_OBJECTIVES = frozenset({"prefix_lm", "span_corruption", "ul2"})
@@ -76,13 +77,13 @@ class ExactSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         return tf.RaggedTensor.from_row_lengths(flat, tf.ensure_shape(lengths, [None]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocabulary() -> ExactSentencePieceVocabulary:
     return ExactSentencePieceVocabulary(str(vocab_lib.MODEL_PATH),
                                         extra_ids=vocab_lib.NUM_SENTINELS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def output_features(objective: str) -> dict[str, seqio.Feature]:
     """targets (and inputs for prefix objectives) with the loam vocabulary; domain_id and
     doc_index ride along as integer features so that they survive seqio's Mixture filtering.
@@ -212,7 +213,7 @@ class LoamDomainSource(seqio.TfdsDataSource):
         self._domain = domain
         self._fixed_data_dir = tfds_data_dir
         self._corpus_dir = corpus_dir
-        self._prepared_dir = None
+        self._prepared_dir: str | None = None
         super().__init__(tfds_name=f"{tfds_builders.tfds_name(domain)}:{tfds_builders.VERSION}",
                          splits=("train", "validation"), read_only=True,
                          tfds_builder_kwargs={"corpus_dir": corpus_dir} if corpus_dir else None)
@@ -241,7 +242,7 @@ def _add_task(name, source, objective, **kwargs) -> seqio.Task:
                                   metric_fns=[])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def train_text_bytes(domain: str, corpus_dir=None) -> int:
     """UTF-8 bytes of a domain's training split: the mixture rate (≈ tokens, not documents,
     so a domain of many tiny entries is not over-weighted)."""
@@ -345,7 +346,7 @@ class LoamFeatureConverter(seqio.FeatureConverter):
     TASK_FEATURES = {"targets": _spec(tf.int32)}
     MODEL_FEATURES = {k: _spec(tf.float32 if k == "loss_weights" else tf.int32)
                       for k in BATCH_FEATURES}
-    PACKING_FEATURE_DTYPES = {}
+    PACKING_FEATURE_DTYPES: dict = {}
 
     def _convert_features(self, ds, task_feature_lengths):
         spec = ds.element_spec

@@ -11,7 +11,8 @@ builds them (into $LOAM_TFDS_DIR, else ~/tensorflow_datasets). The corpus file's
 recorded in the dataset's metadata so a dataset built from a different corpus is detected.
 
 To train on any other tfds dataset (c4 on a bucket, a local one), use
-``loam.data.tasks.register_tfds_source`` (re-exported here).
+``loam.data.tasks.register_tfds_source`` (seqio tasks are built on top of this module, never the
+other way round).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import types
 from pathlib import Path
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
+from loam import cli
 from loam.data import corpora
 
 VERSION = "1.0.0"
@@ -39,7 +41,7 @@ def default_tfds_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/tensorflow_datasets").expanduser()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
     del mtime_ns, size  # cache key only: re-hash when the file changes
     h = hashlib.sha256()
@@ -54,7 +56,8 @@ def corpus_sha256(path: Path) -> str:
     return _file_sha256(str(path), st.st_mtime_ns, st.st_size)
 
 
-class _LoamDomainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _LoamDomainBuilder(tfds.core.GeneratorBasedBuilder,  # type: ignore[call-arg]
+                         skip_registration=True):
     """A corpus file of one domain as a tfds dataset. Subclasses set DOMAIN."""
 
     DOMAIN: str = ""
@@ -121,15 +124,20 @@ def _class_name(domain: str) -> str:
     return "Loam" + "".join(part.capitalize() for part in domain.split("_"))
 
 
+def _class_body(domain: str):
+    def fill(ns: dict) -> None:
+        ns.update(DOMAIN=domain, __module__=__name__,
+                  __doc__=f"The '{domain}' corpus as a tfds dataset.")
+    return fill
+
+
 # One registered builder class per domain: LoamLiterature -> "loam_literature", ...
 BUILDERS: dict[str, type[_LoamDomainBuilder]] = {}
 for _domain in corpora.DOMAIN_NAMES:
     # Under `python -m` this file also runs as __main__; only the importable module registers.
     _cls = types.new_class(
         _class_name(_domain), (_LoamDomainBuilder,),
-        {"skip_registration": __name__ == "__main__"},
-        lambda ns, d=_domain: ns.update(
-            DOMAIN=d, __module__=__name__, __doc__=f"The '{d}' corpus as a tfds dataset."))
+        {"skip_registration": __name__ == "__main__"}, _class_body(_domain))
     globals()[_cls.__name__] = _cls
     BUILDERS[_domain] = _cls
 del _domain, _cls
@@ -173,13 +181,6 @@ def build_domain(domain: str, data_dir=None, corpus_dir=None) -> _LoamDomainBuil
     return builder
 
 
-def register_tfds_source(name, tfds_name, data_dir=None, text_key="text", splits=None, **kwargs):
-    """Points loam at an existing tfds dataset; see ``loam.data.tasks.register_tfds_source``."""
-    from loam.data import tasks  # noqa: PLC0415 — seqio is imported only where tasks are made.
-    return tasks.register_tfds_source(name, tfds_name, data_dir=data_dir, text_key=text_key,
-                                      splits=splits, **kwargs)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build loam's tfds datasets from the corpus files.")
     p.add_argument("domains", nargs="*", default=list(corpora.DOMAIN_NAMES))
@@ -189,10 +190,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     from loam.data import tfds_builders  # noqa: PLC0415 — the registered classes, not __main__'s
     for domain in args.domains:
-        try:
+        with cli.user_errors():  # includes CorpusError: one message, non-zero exit
             b = tfds_builders.build_domain(domain, args.data_dir, args.corpus_dir)
-        except ValueError as e:  # includes CorpusError: one message, non-zero exit
-            raise SystemExit(f"error: {e}") from None
         sizes = {s: b.info.splits[s].num_examples for s in ("train", "validation")}
         print(f"{b.name}:{b.version} {sizes} -> {b.data_path}")
 

@@ -41,7 +41,8 @@ def cache_dir() -> Path:
 
 def domain_id(name: str) -> int:
     if name not in corpora.DOMAIN_NAMES:
-        raise ValueError(f"unknown domain {name!r}; known domains: {', '.join(corpora.DOMAIN_NAMES)}")
+        raise ValueError(f"unknown domain {name!r}; known domains: "
+                         f"{', '.join(corpora.DOMAIN_NAMES)}")
     return corpora.DOMAIN_NAMES.index(name)
 
 
@@ -124,7 +125,8 @@ class TokenizedCorpus:
             logging.warning("%s: dropped %d of %d documents that are empty after stripping",
                             self.path, dropped, len(docs))
         ids = self.vocab.encode([t for _, _, t in kept])
-        arrays, counts = {}, {}
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        counts: dict[str, dict[str, int]] = {}
         for split in SPLITS:
             want_val = split == "validation"
             sel = [k for k, (_, d, _) in enumerate(kept) if corpora.is_validation(d) == want_val]

@@ -8,8 +8,8 @@ Layout of the 8192 ids (seqio's convention, so seqio and loam agree on every id)
 Retrain with ``python -m loam.data.vocab --out loam/data/bundled/loam.model``; the sample is a
 deterministic slice of every domain's training split.
 
-This module imports only sentencepiece; ``seqio_vocabulary()`` imports seqio (and TensorFlow) on
-demand, for the code paths that need it. Its ids equal this module's on every path.
+This module imports only sentencepiece. The seqio vocabulary of loam's tasks, with ids equal to
+this module's on every path, is ``loam.data.tasks.vocabulary()`` (it imports seqio and TensorFlow).
 """
 
 from __future__ import annotations
@@ -67,16 +67,9 @@ class Vocabulary:
         return self._sp.id_to_piece(i)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_vocabulary() -> Vocabulary:
     return Vocabulary()
-
-
-def seqio_vocabulary():
-    """The seqio vocabulary of loam's tasks: ids equal to this module's on the Python and the
-    TF path (see loam.data.tasks.ExactSentencePieceVocabulary). Imports seqio and TensorFlow."""
-    from loam.data import tasks  # noqa: PLC0415 — heavy import, only where seqio is used.
-    return tasks.vocabulary()
 
 
 def _sample(directory) -> list[str]:

@@ -10,12 +10,13 @@ descent. The fit runs on standardised losses, so one learning rate suits any los
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpy.typing import ArrayLike
 
 from loam.mixing.regmix import MixSearchError, check_enough
 
@@ -90,7 +91,7 @@ def fit_law(R, y, restarts: int = 32, steps: int = 2000, seed: int = 0,
     return dataclasses.replace(law, rmse=rmse)
 
 
-def fit_laws(R, losses: Mapping[str, Sequence[float]], **kwargs) -> dict[str, MixingLaw]:
+def fit_laws(R: ArrayLike, losses: Mapping[str, ArrayLike], **kwargs) -> dict[str, MixingLaw]:
     """One law per domain: {domain: losses [M]} -> {domain: MixingLaw}."""
     return {d: fit_law(R, y, **kwargs) for d, y in losses.items()}
 

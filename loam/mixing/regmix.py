@@ -4,20 +4,20 @@ metric of proxies trained on them, and propose the mixture the regressor likes b
 The pieces are plain numpy on small arrays (M proxies x D domains): a Dirichlet sampler centred on
 the token shares that respects per-domain epoch caps, two regressors (least squares and LightGBM
 gradient-boosted trees, as in the paper), held-out Spearman rank correlation, scoring of many
-candidate mixtures with the top-k average as the proposal, and the proposal written as a config
-that `python -m loam.train --config <file>` runs directly.
+candidate mixtures with the top-k average as the proposal. loam.mixing.search writes proposals
+as resolved JSON configs that `python -m loam.train --config <file>` runs directly.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
-from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
+
+from loam.data.corpora import DOMAIN_NAMES
 
 
 class MixSearchError(ValueError):
@@ -27,23 +27,23 @@ class MixSearchError(ValueError):
 # --------------------------------------------------------------------------- epoch caps, sampling
 
 
-def max_weights(sizes: Sequence[float], budget_tokens: float, max_epochs: float) -> np.ndarray:
+def max_weights(sizes: ArrayLike, budget_tokens: float, max_epochs: float) -> np.ndarray:
     """Largest weight each domain may get so that a run of ``budget_tokens`` repeats it at most
     ``max_epochs`` times (capped at 1)."""
-    sizes = np.asarray(sizes, np.float64)
+    tokens = np.asarray(sizes, np.float64)
     if budget_tokens <= 0 or max_epochs <= 0:
         raise MixSearchError(f"epoch caps need a positive budget and max_epochs, got "
                              f"{budget_tokens}, {max_epochs}")
-    upper = np.minimum(1.0, sizes * max_epochs / budget_tokens)
+    upper = np.minimum(1.0, tokens * max_epochs / budget_tokens)
     if upper.sum() < 1.0 - 1e-9:
         raise MixSearchError(
             f"a budget of {budget_tokens:,.0f} tokens cannot respect {max_epochs} epochs per "
-            f"domain: all domains together hold {sizes.sum():,.0f} tokens, so at most "
-            f"{sizes.sum() * max_epochs:,.0f} tokens fit. Raise max_epochs or lower the budget")
+            f"domain: all domains together hold {tokens.sum():,.0f} tokens, so at most "
+            f"{tokens.sum() * max_epochs:,.0f} tokens fit. Raise max_epochs or lower the budget")
     return upper
 
 
-def check_epoch_caps(weights, sizes, budget_tokens: float, max_epochs: float,
+def check_epoch_caps(weights: ArrayLike, sizes: ArrayLike, budget_tokens: float, max_epochs: float,
                      domains: Sequence[str]) -> None:
     """Raise MixSearchError naming every mixture (row) and domain that exceeds its epoch cap."""
     w = np.atleast_2d(np.asarray(weights, np.float64))
@@ -57,43 +57,41 @@ def check_epoch_caps(weights, sizes, budget_tokens: float, max_epochs: float,
             "max_epochs, or lower the token budget")
 
 
-def sample_mixtures(num: int, shares: Sequence[float], concentration: float | Sequence[float],
-                    seed: int, upper: Sequence[float] | None = None,
-                    max_draw_factor: int = 2000) -> np.ndarray:
+def sample_mixtures(num: int, shares: ArrayLike, concentration: ArrayLike, seed: int,
+                    upper: ArrayLike | None = None, max_draw_factor: int = 2000) -> np.ndarray:
     """``num`` mixtures [num, D] from Dirichlet(concentration * shares), redrawn until every weight
     is within ``upper``. A list of concentrations is cycled over the samples (RegMix varies it to
     cover both near-centre and extreme mixtures)."""
-    shares = np.asarray(shares, np.float64)
+    raw = np.asarray(shares, np.float64)
     if num < 1:
         raise MixSearchError(f"need at least one mixture, got num={num}")
-    if shares.ndim != 1 or shares.size < 2 or np.any(shares <= 0) or not np.isfinite(
-            shares).all():
+    if raw.ndim != 1 or raw.size < 2 or np.any(raw <= 0) or not np.isfinite(raw).all():
         raise MixSearchError(f"token shares must be positive per domain (>= 2 domains), got "
-                             f"{shares.tolist()}")
-    shares = shares / shares.sum()
+                             f"{raw.tolist()}")
+    share = raw / raw.sum()
     conc = np.atleast_1d(np.asarray(concentration, np.float64))
     if np.any(conc <= 0) or not np.isfinite(conc).all():
         raise MixSearchError(f"Dirichlet concentration must be positive, got {conc.tolist()}")
-    upper = np.ones_like(shares) if upper is None else np.asarray(upper, np.float64)
-    if upper.sum() < 1.0 - 1e-9:
+    cap = np.ones_like(share) if upper is None else np.asarray(upper, np.float64)
+    if cap.sum() < 1.0 - 1e-9:
         raise MixSearchError("the epoch caps leave no valid mixture (caps sum below 1); raise "
                              "max_epochs or lower the budget")
     rng = np.random.default_rng(seed)
-    alpha = conc[np.arange(num) % conc.size, None] * shares  # [num, D]
-    out = np.full((num, shares.size), np.nan)
+    alpha = conc[np.arange(num) % conc.size, None] * share  # [num, D]
+    out = np.full((num, share.size), np.nan)
     pending = np.arange(num)
     for _ in range(max_draw_factor):  # every round redraws the samples still outside the caps
         # Dirichlet by normalised gammas (vectorised over samples with different alphas).
         g = rng.standard_gamma(alpha[pending])
         w = g / g.sum(axis=1, keepdims=True)
-        ok = np.all(w <= upper + 1e-12, axis=1) & np.isfinite(w).all(axis=1)
+        ok = np.all(w <= cap + 1e-12, axis=1) & np.isfinite(w).all(axis=1)
         out[pending[ok]] = w[ok]
         pending = pending[~ok]
         if pending.size == 0:
             return out
     raise MixSearchError(
         f"{max_draw_factor} Dirichlet draws (concentration {conc[pending[0] % conc.size]}) "
-        f"never met the epoch caps {np.round(upper, 3).tolist()} for {pending.size} of {num} "
+        f"never met the epoch caps {np.round(cap, 3).tolist()} for {pending.size} of {num} "
         "mixtures; raise the concentration, raise max_epochs or lower the token budget")
 
 
@@ -175,14 +173,15 @@ def check_enough(n: int, num_domains: int, what: str = "proxies") -> None:
             "(a fit plus a held-out check). Train more proxies (search.num_proxies)")
 
 
-def finite_rows(X, y, labels: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def finite_rows(X: ArrayLike, y: ArrayLike,
+                labels: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Mask of proxies with a finite target, and a warning line per excluded one."""
-    y = np.asarray(y, np.float64)
-    ok = np.isfinite(y) & np.isfinite(np.asarray(X, np.float64)).all(axis=1)
+    target = np.asarray(y, np.float64)
+    ok = np.isfinite(target) & np.isfinite(np.asarray(X, np.float64)).all(axis=1)
     notes = []
-    for i in np.flatnonzero(~ok):
+    for i in np.flatnonzero(~ok).tolist():
         label = labels[i] if labels is not None else f"proxy {i}"
-        notes.append(f"{label}: non-finite target ({y[i]}), excluded from the fits")
+        notes.append(f"{label}: non-finite target ({target[i]}), excluded from the fits")
     if notes:
         warnings.warn(f"{len(notes)} proxies excluded for non-finite losses: "
                       + "; ".join(notes[:5]), stacklevel=2)
@@ -228,8 +227,6 @@ def target_values(eval_losses: Sequence[Mapping[str, float]], target: str,
     """The target metric of each proxy from its per-domain validation losses: "mean" (mean over
     the mixture's domains) or a domain name (one domain's loss; a domain outside the mixture is
     a held-out target set)."""
-    from loam.data.corpora import DOMAIN_NAMES
-
     names = target_domains(target, mixture_domains)
     out = []
     for losses in eval_losses:
@@ -242,8 +239,6 @@ def target_values(eval_losses: Sequence[Mapping[str, float]], target: str,
 
 
 def target_domains(target: str, mixture_domains: Sequence[str]) -> list[str]:
-    from loam.data.corpora import DOMAIN_NAMES
-
     if target == "mean":
         return list(mixture_domains)
     name = target.removeprefix("domain:")
@@ -251,38 +246,3 @@ def target_domains(target: str, mixture_domains: Sequence[str]) -> list[str]:
         raise MixSearchError(f"unknown target {target!r}; use 'mean' or a domain name "
                              f"({', '.join(DOMAIN_NAMES)})")
     return [name]
-
-
-# --------------------------------------------------------------------------- output
-
-
-def write_mixture_config(path: str | Path, weights: Mapping[str, float], base_arg: str = "",
-                         note: str = "", overrides: Mapping[str, object] | None = None) -> Path:
-    """A config file for `python -m loam.train --config <path>[:arg]`: the default job with these
-    mixture weights. ``base_arg`` (e.g. "size=mini,steps=1200") comes before the user's arg, so
-    the user's arg wins; ``overrides`` set dotted config fields after that."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = {str(k): round(float(v), 6) for k, v in weights.items()}
-    if not all(math.isfinite(v) and v >= 0 for v in w.values()) or sum(w.values()) <= 0:
-        raise MixSearchError(f"cannot write mixture {w}: weights must be finite, non-negative "
-                             "and not all zero")
-    lines = [f'"""{note or "A proposed data mixture."}', "",
-             f"    python -m loam.train --config {path} --workdir DIR", '"""', "",
-             "from loam.configs import default", "",
-             f"WEIGHTS = {json.dumps(w, indent=4)}", f"BASE_ARG = {base_arg!r}",
-             f"OVERRIDES = {json.dumps(dict(overrides or {}), indent=4)}", "", "",
-             "def get_config(arg=None):",
-             "    c = default.get_config(\",\".join(a for a in (BASE_ARG, arg) if a))",
-             "    del c.data[\"weights\"]  # a recipe string in the default config",
-             "    c.data.weights = dict(WEIGHTS)",
-             "    c.data.domains = list(WEIGHTS)",
-             "    for key, value in OVERRIDES.items():",
-             "        *parents, leaf = key.split(\".\")",
-             "        node = c",
-             "        for p in parents:",
-             "            node = node[p]",
-             "        node[leaf] = value",
-             "    return c", ""]
-    path.write_text("\n".join(lines))
-    return path

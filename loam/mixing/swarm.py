@@ -1,11 +1,12 @@
 """Proxy swarms: K models of one architecture trained together in one compiled step.
 
-Parameters and optimiser states are stacked along a leading member axis and the ordinary loss
-(`loam.step`) is vmapped over it, so each member sees exactly what a single run with its own
-config would: its own mixture stream (weights, seed), its own initialisation (seed) and its own
-peak learning rate. The member axis is sharded over the mesh's "data" axis when there is more than
-one device. A member whose loss, gradient or update goes non-finite is frozen (its update masked
-out) and reported; the others continue unaffected.
+Parameters and optimiser states are stacked along a leading member axis and the trainer's own
+update (`loam.step.update`) is vmapped over it, so each member sees exactly what a single run
+with its own config would: its own mixture stream and weight source (static, staged or online),
+its own initialisation (seed) and its own peak learning rate. The member axis is sharded over
+the mesh's "data" axis when there is more than one device. A member whose loss, gradient or
+update goes non-finite is frozen (its update masked out) and reported; the others continue
+unaffected.
 
 A member is described by a full loam training config (`member_config`), so any member can be
 re-run alone with `python -m loam.train`, and a swarm checkpoint holds everything the swarm needs to
@@ -19,8 +20,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,14 +31,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from loam import checkpoint as ckpt_lib
+from loam import hooks as hooks_lib
 from loam import metrics as metrics_lib
+from loam import run as run_lib
 from loam import step as step_lib
-from loam.data import corpora, mixture, objectives
+from loam.data import corpora, heldout, objectives
 from loam.model import sharding
-from loam.model.transformer import Transformer
 
 MEMBER_AXIS = "data"  # mesh axis the member dimension is sharded over
 _COMPILED: dict = {}  # compiled steps shared by swarms of equal signature
@@ -44,18 +48,23 @@ _COMPILED: dict = {}  # compiled steps shared by swarms of equal signature
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One proxy: its mixture weights (dict domain -> weight, or a recipe string), init/data seed
-    and peak learning rate (None: the config's)."""
+    """One proxy: its mixture weights (dict domain -> weight, or a recipe string), init/data seed,
+    peak learning rate (None: the config's) and weight source (None: the config's `mixing`;
+    else a dict of `mixing` fields, e.g. {"method": "greedy_loss"})."""
     weights: Any
     seed: int = 0
     lr: float | None = None
     name: str = ""
+    mixing: Mapping | None = None
 
     def to_json(self) -> dict:
         w = self.weights
         if isinstance(w, Mapping):
             w = {k: float(v) for k, v in w.items()}
-        return {"weights": w, "seed": int(self.seed), "lr": self.lr, "name": self.name}
+        out = {"weights": w, "seed": int(self.seed), "lr": self.lr, "name": self.name}
+        if self.mixing is not None:
+            out["mixing"] = json.loads(json.dumps(dict(self.mixing)))
+        return out
 
 
 @flax.struct.dataclass
@@ -77,6 +86,11 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
     c.data.weights = {k: float(v) for k, v in w.items()} if isinstance(w, Mapping) else w
     if member.lr is not None:
         c.optim.lr = float(member.lr)
+    if member.mixing is not None:
+        mixing = c.get("mixing") or ml_collections.ConfigDict()
+        mixing = ml_collections.ConfigDict(dict(mixing.to_dict(), **dict(member.mixing)))
+        del c["mixing"]
+        c.mixing = mixing
     return c
 
 
@@ -110,14 +124,9 @@ class Swarm:
 
     def __init__(self, config, members: Sequence[Member], mesh: Mesh | None = None,
                  build_streams: bool = True, member_loop: str | None = None):
-        from loam import train as train_lib  # the single-run builders, reused as they are
-        from loam.data import vocab as vocab_lib
-
         members = list(members)
         if not members:
             raise ValueError("a swarm needs at least one member")
-        if config.data.get("stages"):
-            raise ValueError("swarm members take constant weights; clear config.data.stages")
         if config.optim.accum_steps != 1:
             raise ValueError("swarms do not accumulate gradients; set optim.accum_steps=1 and "
                              "lower data.batch_size instead")
@@ -132,43 +141,38 @@ class Swarm:
         if self.k % self.shards:
             raise ValueError(f"{self.k} members cannot be split over {self.shards} devices of "
                              f"the mesh axis {MEMBER_AXIS!r}; use a multiple of it")
-        vocab_size = vocab_lib.VOCAB_SIZE
-        self.model_cfg = train_lib.build_model_config(config, vocab_size)
-        self.model = Transformer(self.model_cfg)
-        self.num_domains = len(corpora.DOMAIN_NAMES)
+        self.model = run_lib.build_model(config)
+        self.model_cfg = self.model.cfg
+        self.num_domains = run_lib.num_domains(config)
         self.seq_len, self.batch_size = config.data.seq_len, config.data.batch_size
         o = config.optim
         self.lrs = np.array([float(m.lr if m.lr is not None else o.lr) for m in members],
                             np.float32)
         self.seeds = np.array([int(m.seed) for m in members], np.uint32)
-        self.streams = ([train_lib.build_stream(c) for c in self.configs] if build_streams
+        self.streams = ([run_lib.build_stream(c) for c in self.configs] if build_streams
                         else None)
         self._stacked = NamedSharding(self.mesh, P(MEMBER_AXIS))
         self._replicated = NamedSharding(self.mesh, P())
-        self._train_step = None
-        self._eval_step = None
-        self._eval_sets = None
+        self._train_step: Callable | None = None
+        self._eval_step: Callable | None = None
+        self._eval_sets: list[tuple[str, list, float]] | None = None
 
     # -- optimiser of one member, built inside the vmapped function from its (traced) peak lr
 
     def optimizer(self, lr) -> optax.GradientTransformation:
-        c, o = self.config, self.config.optim
-        schedule = step_lib.lr_schedule(o.schedule, lr, c.steps, o.warmup_steps,
-                                        final_fraction=o.final_lr_fraction,
-                                        decay_fraction=o.decay_fraction)
-        return step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                       clip_norm=o.clip_norm)
+        return run_lib.build_optimizer(self.config, peak=lr)
 
     def _init_one(self, rng, lr):
         params = self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
         params = nn.meta.unbox(params)
         return params, self.optimizer(lr).init(params)
 
-    def shardings(self, state: SwarmState) -> SwarmState:
-        return SwarmState(step=self._replicated,
-                          params=jax.tree.map(lambda _: self._stacked, state.params),
-                          opt_state=jax.tree.map(lambda _: self._stacked, state.opt_state),
-                          alive=self._stacked, diverged_at=self._stacked)
+    def shardings(self, state: SwarmState) -> Any:
+        """A SwarmState-shaped tree of NamedShardings."""
+        return state.replace(step=self._replicated,  # type: ignore[attr-defined]  # flax adds it
+                             params=jax.tree.map(lambda _: self._stacked, state.params),
+                             opt_state=jax.tree.map(lambda _: self._stacked, state.opt_state),
+                             alive=self._stacked, diverged_at=self._stacked)
 
     def init(self) -> SwarmState:
         """Member i's parameters equal those of a single run with seed i (PRNGKey(seed))."""
@@ -190,31 +194,14 @@ class Swarm:
 
     # -- the compiled step
 
-    def _member_step(self, params, opt_state, alive, lr, batch):
-        """One member's update (the ordinary train step's arithmetic), masked if non-finite."""
-        o = self.config.optim
-        grad_fn = jax.grad(lambda p, b: step_lib._loss_sums(p, self.model, b, self.num_domains,
-                                                            o.z_loss), has_aux=True)
-        grads, aux = grad_fn(params, batch)
-        denom = jnp.maximum(aux["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, new_opt = self.optimizer(lr).update(grads, opt_state, params)
-        loss = aux["loss_sum"] / denom
-        grad_norm = optax.global_norm(grads)
-        # A member whose loss, gradient or update is non-finite (an update whose squared norm
-        # overflows would make the next loss non-finite) is frozen: its parameters stop changing
-        # from this step on. Its optimiser moments are left as the update made them (never read
-        # again: a frozen member never un-freezes), so the mask is one select fused into the
-        # parameter update instead of extra passes over the whole state.
-        ok = (alive & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
-        new_params = jax.tree.map(lambda p, u: p + jnp.where(ok, u, 0).astype(p.dtype), params,
-                                  updates)
-        metrics = {"loss": loss, "tokens": aux["tokens"],
-                   "domain_loss_sum": aux["domain_loss_sum"],
-                   "domain_tokens": aux["domain_tokens"], "grad_norm": grad_norm,
-                   "lr": step_lib.current_lr(new_opt)}
-        return new_params, new_opt, ok, metrics
+    def _member_step(self, params, opt_state, alive, lr, step, batch):
+        """One member's update: the trainer's own `step.update`, with the freeze mask on."""
+        state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
+        new, metrics = step_lib.update(state, batch, model=self.model,
+                                       optimizer=self.optimizer(lr),
+                                       num_domains=self.num_domains,
+                                       z_loss=self.config.optim.z_loss, alive=alive)
+        return new.params, new.opt_state, metrics
 
     def _signature(self) -> str:
         """What the compiled step depends on besides its arguments: swarms with equal
@@ -243,11 +230,12 @@ class Swarm:
         members_step = self._over_members(self._member_step)
 
         def train_step(state: SwarmState, batch, lrs):
-            params, opt, ok, metrics = members_step(
-                state.params, state.opt_state, state.alive, lrs, batch)
+            steps = jnp.broadcast_to(state.step, (self.k,))
+            params, opt, metrics = members_step(
+                state.params, state.opt_state, state.alive, lrs, steps, batch)
+            ok = metrics["alive"]
             newly_dead = state.alive & ~ok
             diverged_at = jnp.where(newly_dead, state.step, state.diverged_at)
-            metrics["alive"] = ok
             return SwarmState(step=state.step + 1, params=params, opt_state=opt, alive=ok,
                               diverged_at=diverged_at), metrics
 
@@ -263,15 +251,20 @@ class Swarm:
                 _COMPILED[key] = self.make_train_step(self.shardings(state))
             self._train_step = _COMPILED[key]
             self._lrs = jax.device_put(self.lrs, self._stacked)
-        return self._train_step(state, batch, self._lrs)
+        step_fn = self._train_step
+        return step_fn(state, batch, self._lrs)
 
     # -- data
 
-    def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """Every member's batch at ``step`` stacked: [K, B, L] per feature."""
+    @property
+    def member_streams(self) -> list:
         if self.streams is None:
             raise ValueError("this swarm was built without streams (build_streams=False)")
-        parts = [s.batch(step) for s in self.streams]
+        return self.streams
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """Every member's batch at ``step`` stacked: [K, B, L] per feature."""
+        parts = [s.batch(step) for s in self.member_streams]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
     def device_batch(self, batch: Mapping[str, np.ndarray]):
@@ -289,20 +282,20 @@ class Swarm:
             names = list(domains or corpora.DOMAIN_NAMES)
             sets = []
             for d in names:
-                batches, _ = mixture.eval_batches(d, objective, self.seq_len,
+                batches, _ = heldout.eval_batches(d, objective, self.seq_len,
                                                   c.eval_batch_size, c.eval_tokens,
                                                   data_dir=c.data.dir or None)
                 tokens = float(sum(b["loss_weights"].sum() for b in batches))
                 sets.append((d, batches, tokens))
             self._eval_sets = sets
-        return self._eval_sets
+        return sets
 
     def evaluate(self, params, domains: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Validation loss of every member on every domain: {domain: [K] losses}."""
         if self._eval_step is None:
             def eval_step(params, batch):
                 def one(p, b):
-                    _, aux = step_lib._loss_sums(p, self.model, b, self.num_domains, 0.0)
+                    _, aux = step_lib.loss_sums(p, self.model, b, self.num_domains, 0.0)
                     return aux["loss_sum"]
                 tiled = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.k,) + x.shape), batch)
                 return self._over_members(one)(params, tiled)
@@ -310,12 +303,13 @@ class Swarm:
             if key not in _COMPILED:
                 _COMPILED[key] = jax.jit(eval_step, out_shardings=self._replicated)
             self._eval_step = _COMPILED[key]
+        eval_step = self._eval_step
         out = {}
         for d, batches, tokens in self.eval_sets(domains):
             total = np.zeros(self.k)
             for b in batches:
                 dev = {k: jax.device_put(np.asarray(v), self._replicated) for k, v in b.items()}
-                total += np.asarray(jax.device_get(self._eval_step(params, dev)), np.float64)
+                total += np.asarray(jax.device_get(eval_step(params, dev)), np.float64)
             out[d] = total / max(tokens, 1.0)
         return out
 
@@ -365,25 +359,30 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
-        for stream, data in zip(swarm.streams, meta["data"]):
-            stream.check_state(data)
+        for stream, data in zip(swarm.member_streams, meta["data"]):
+            stream.load_state(data)  # checks the position; restores an online log
         if verbose:
             print(f"swarm resumed from checkpoint at step {start}", flush=True)
     domains = list(config.data.domains)
-    domain_ids = [corpora.DOMAIN_NAMES.index(mixture.resolve_domain(d)) for d in domains]
+    domain_ids = [corpora.DOMAIN_NAMES.index(corpora.resolve_domain(d)) for d in domains]
+    # Online weight sources read each member's own per-domain losses, every step.
+    feedback = [(i, hooks_lib.MixtureFeedback(s)) for i, s in enumerate(swarm.member_streams)
+                if s.source.adaptive]
     writer = metrics_lib.MetricWriter(workdir, "train")
     reported: set[int] = set(int(i) for i in np.flatnonzero(~np.asarray(state.alive)))
     last_loss = np.full(swarm.k, np.nan)
     t0, tokens_done = time.time(), 0
 
     def save(step_no: int):
-        checkpointer.save(step_no, state, {"step": step_no,
-                                           "data": [s.state_dict(step_no) for s in swarm.streams],
+        data = [s.state_dict(step_no) for s in swarm.member_streams]
+        checkpointer.save(step_no, state, {"step": step_no, "data": data,
                                            "seeds": swarm.seeds.tolist()})
 
     def finish(step_no: int, m):
         nonlocal t0, tokens_done
         m = jax.device_get(m)
+        for member, hook in feedback:
+            hook.after_step(step_no - 1, {k: v[member] for k, v in m.items()})
         last_loss[:] = m["loss"]
         for i in np.flatnonzero(~m["alive"]):
             if int(i) not in reported:
@@ -399,6 +398,9 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                                "loss_mean_alive": float(np.mean(m["loss"][m["alive"]]))
                                if m["alive"].any() else float("nan"),
                                "alive": int(m["alive"].sum()), "tokens_per_s": tok_s,
+                               "mixture_weights": [
+                                   dict(zip(domains, map(float, s.weights_at(step_no - 1))))
+                                   for s in swarm.member_streams],
                                "loss_per_domain": _member_losses(m, domain_ids, domains)})
         if verbose:
             print(f"swarm step {step_no}/{config.steps}: mean loss "

@@ -1,4 +1,7 @@
-"""Scaling laws: Chinchilla approaches 1-3 fitted to a table of runs (python -m loam.scaling.fit)."""
+"""Scaling laws: Chinchilla approaches 1-3 fitted to a table of runs.
+
+Command line: python -m loam.scaling.fit.
+"""
 
 from loam.scaling.laws import (
     AllocationFit,

@@ -19,14 +19,34 @@ import math
 import pathlib
 import sys
 import warnings
+from typing import Any
 
 import numpy as np
 
+from loam import cli
 from loam.scaling import laws
 from loam.scaling.laws import ScalingFitError
 
 COLUMN_ALIASES = {"Model Size": "N", "Training FLOP": "C", "Training Tokens": "D"}
 RESULTS_FILE = "results.csv"
+# What each approach needs (laws.py enforces it; --approach all states it when it fails).
+NEEDS = ("approach 1, runs at 2+ compute budgets; approach 2, 6+ runs (2+ FLOP budgets with 3+ "
+         "model sizes each); approach 3, 5+ runs")
+
+
+def check_all_fitted(report: dict) -> None:
+  """--approach all promises every approach: refuses a table on which some cannot be fitted
+  (rather than exit 0 with a partial, degenerate report), saying what each one needs."""
+  for col, entry in report["fits"].items():
+    failed = {int(k.removeprefix("approach")): v["error"] for k, v in entry.items()
+              if isinstance(v, dict) and "error" in v}
+    if failed:
+      ok = [str(a) for a in (1, 2, 3) if a not in failed]
+      reasons = "; ".join(failed[a].split(";")[0].rstrip(".") for a in sorted(failed))
+      raise ScalingFitError(
+          f"--approach all on {report['n_runs']} run(s): {reasons} (column {col!r}). Each "
+          f"approach needs: {NEEDS}. Add runs"
+          + (f", or choose --approach {' or '.join(ok)}" if ok else ""))
 
 
 def loss_columns(table: dict[str, np.ndarray]) -> list[str]:
@@ -52,14 +72,15 @@ def load_results(path, *, drop_highest: int = 0) -> dict[str, np.ndarray]:
   if "status" in header:
     failed = [r for r in rows if (r.get("status") or "").strip().lower() != "ok"]
     if failed:
-      warnings.warn(f"dropping {len(failed)} run(s) whose status is not 'ok' (failed runs).")
+      warnings.warn(f"dropping {len(failed)} run(s) whose status is not 'ok' (failed runs).",
+                    stacklevel=2)
     rows = [r for r in rows if (r.get("status") or "").strip().lower() == "ok"]
   losses = [c for c in header if c == "loss" or c.startswith("loss/")]
   missing = [c for c, ok in (("N", "N" in header), ("D or C", "D" in header or "C" in header),
                              ("loss or loss/<domain>", bool(losses))) if not ok]
   if missing:
-    raise ScalingFitError(f"{path} lacks column(s) {', '.join(missing)} (found {header}); a results "
-                          "table needs N (parameters), D (tokens) or C (FLOPs), and loss.")
+    raise ScalingFitError(f"{path} lacks column(s) {', '.join(missing)} (found {header}); a "
+                          "results table needs N (parameters), D (tokens) or C (FLOPs), and loss.")
   if not rows:
     raise ScalingFitError(f"{path} has no run with status 'ok'; nothing to fit.")
 
@@ -114,11 +135,12 @@ def fit_table(table: dict[str, np.ndarray], *, approaches=(1, 2, 3), bootstrap: 
   """
   N, D = table["N"], table["D"]
   budgets = _default_budgets(table["C"]) if budgets is None else np.asarray(budgets, np.float64)
-  report = {"law": "chinchilla", "n_runs": int(N.size), "fits": {}}
+  report: dict[str, Any] = {"law": "chinchilla", "n_runs": int(N.size), "fits": {}}
   objects: dict = {}
   for col in loss_columns(table):
     L = table[col]
-    entry, objs = {}, {}
+    entry: dict[str, Any] = {}
+    objs: dict[Any, Any] = {}
     for approach in approaches:
       try:
         if approach == 1:
@@ -198,7 +220,7 @@ def plot_fits(table: dict[str, np.ndarray], objects: dict, out_dir, column: str 
   for rows, color in zip(groups, colors):
     ax.scatter(N[rows], L[rows], s=12, color=color)
   if 2 in objs:
-    for (budget, (c2, c1, c0), rows), color in zip(objs[2].details, colors):
+    for (_budget, (c2, c1, c0), rows), _color in zip(objs[2].details, colors):
       x = np.linspace(np.log(N[rows]).min(), np.log(N[rows]).max(), 50)
       ax.plot(np.exp(x), c2 * x**2 + c1 * x + c0, color="gray", lw=1)
       xm = -c1 / (2 * c2)
@@ -227,7 +249,8 @@ def plot_fits(table: dict[str, np.ndarray], objects: dict, out_dir, column: str 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m loam.scaling.fit", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--results", required=True, help="results CSV, or a directory with results.csv")
+  parser.add_argument("--results", required=True,
+                      help="results CSV, or a directory with results.csv")
   parser.add_argument("--law", default="chinchilla", choices=["chinchilla"])
   parser.add_argument("--approach", default="3", choices=["1", "2", "3", "all"])
   parser.add_argument("--out", default=None, help="directory for fit.json and PNG plots")
@@ -244,6 +267,8 @@ def main(argv=None) -> int:
       table = load_results(args.results, drop_highest=args.drop_highest)
       report, objects = fit_table(table, approaches=approaches, bootstrap=args.bootstrap,
                                   seed=args.seed, required=args.approach != "all")
+      if args.approach == "all":
+        check_all_fitted(report)
     for w in caught:
       print(f"warning: {w.message}", file=sys.stderr)
     shown = True
@@ -253,12 +278,11 @@ def main(argv=None) -> int:
       out.mkdir(parents=True, exist_ok=True)
       report["plots"] = [str(p) for p in plot_fits(table, objects, out)]
       (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
-  except (ValueError, OSError) as e:  # ScalingFitError is a ValueError
+  except cli.USER_ERRORS as e:  # ScalingFitError is a ValueError
     if not shown:  # e.g. that failed runs were dropped, before the reason the fit stopped
       for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    cli.fail(e)
   print(json.dumps(report))
   return 0
 

@@ -14,8 +14,11 @@ import itertools
 import math
 import time
 import warnings
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from loam.scaling import lbfgs
@@ -62,7 +65,7 @@ class ChinchillaLaw:
     return {k: float(getattr(self, k)) for k in PARAM_NAMES}
 
   @classmethod
-  def from_raw(cls, raw: Sequence[float]) -> "ChinchillaLaw":
+  def from_raw(cls, raw: Sequence[float]) -> ChinchillaLaw:
     """From the optimiser's coordinates (a, b, e, alpha, beta)."""
     a, b, e, alpha, beta = (float(v) for v in raw)
     return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
@@ -86,8 +89,6 @@ def _huber_value_and_grad(x, data):
   Written out by hand (one exp per term, one log per point) because this is the whole cost of the
   fit; autodiff through logsumexp is several times slower on CPU.
   """
-  import jax.numpy as jnp
-
   log_n, log_d, log_l, weights = data
   a, b, e, alpha, beta = (x[:, i : i + 1] for i in range(5))
   cap = float(np.log(np.finfo(x.dtype).max)) - 8.0
@@ -105,9 +106,11 @@ def _huber_value_and_grad(x, data):
   return (weights * huber).sum(1), grad
 
 
-def _compiled_minimize():
-  import jax
+# The jitted L-BFGS run, built on first use (compiling at import would slow every import).
+_MINIMIZE: Callable[..., Any] | None = None
 
+
+def _compiled_minimize() -> Callable[..., Any]:
   global _MINIMIZE
   if _MINIMIZE is None:
     def run(x0, data, gtol, ftol, max_iter):
@@ -117,13 +120,7 @@ def _compiled_minimize():
   return _MINIMIZE
 
 
-_MINIMIZE = None
-
-
 def _run_lbfgs(x0: np.ndarray, data_np, *, x64: bool, max_iter: int, gtol: float, ftol: float):
-  import jax
-  import jax.numpy as jnp
-
   with jax.enable_x64(x64):
     dtype = jnp.float64 if x64 else jnp.float32
     data = tuple(jnp.asarray(v, dtype) for v in data_np)
@@ -189,7 +186,8 @@ def fit_chinchilla(N, D, loss, *, grid: np.ndarray | None = None, polish: int = 
   converged = bool(np.isfinite(value).any())
   if not converged:
     value = np.where(np.isfinite(fine.value), fine.value, np.inf)
-    warnings.warn("approach 3: no start converged to tolerance; reporting the best finite one.")
+    warnings.warn("approach 3: no start converged to tolerance; reporting the best finite one.",
+                  stacklevel=2)
   best = int(np.argmin(value))
   return Approach3Fit(
       law=ChinchillaLaw.from_raw(fine.x[best]), objective=float(fine.value[best]),
@@ -274,7 +272,7 @@ class PowerLaw:
     return self.k * np.asarray(x, np.float64) ** self.exponent
 
   @classmethod
-  def fit(cls, x, y) -> "PowerLaw":
+  def fit(cls, x, y) -> PowerLaw:
     lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
     slope, intercept = np.polyfit(lx, ly, 1)
     return cls(k=float(np.exp(intercept)), exponent=float(slope))
@@ -311,14 +309,14 @@ def fit_envelope(N, D, loss, *, bin_dex: float = 0.1) -> AllocationFit:
   log_c = np.log10(6.0 * N * D)
   bins = np.floor((log_c - log_c.min()) / bin_dex).astype(int)
   best_so_far = np.inf
-  chosen = []
+  envelope: list[int] = []
   for b in np.unique(bins):
     rows = np.flatnonzero(bins == b)
-    i = rows[np.argmin(L[rows])]
+    i = int(rows[np.argmin(L[rows])])
     if L[i] < best_so_far:
       best_so_far = L[i]
-      chosen.append(i)
-  chosen = np.array(chosen)
+      envelope.append(i)
+  chosen = np.array(envelope)
   if chosen.size < 2:
     raise ScalingFitError(
         f"approach 1 found {chosen.size} point(s) on the loss-vs-FLOPs envelope; it needs runs at "
@@ -340,7 +338,9 @@ def fit_isoflop(N, D, loss, *, gap_dex: float = 0.1, min_sizes: int = 3) -> Allo
   """Approach 2: per IsoFLOP budget a parabola of loss in log N; its vertex is N_opt(C)."""
   N, D, L = _check_points(N, D, loss, 2 * min_sizes, "approach 2")
   C = 6.0 * N * D
-  budgets, n_opt, details, skipped = [], [], [], 0
+  budget_list: list[float] = []
+  n_opt_list: list[float] = []
+  details, skipped = [], 0
   for rows in group_budgets(C, gap_dex):
     x = np.log(N[rows])
     if np.unique(np.round(x, 6)).size < min_sizes:
@@ -351,17 +351,18 @@ def fit_isoflop(N, D, loss, *, gap_dex: float = 0.1, min_sizes: int = 3) -> Allo
       skipped += 1
       continue
     budget = float(np.exp(np.mean(np.log(C[rows]))))
-    budgets.append(budget)
-    n_opt.append(float(np.exp(-c1 / (2.0 * c2))))
+    budget_list.append(budget)
+    n_opt_list.append(float(np.exp(-c1 / (2.0 * c2))))
     details.append((budget, (float(c2), float(c1), float(c0)), rows))
   if skipped:
     warnings.warn(f"approach 2: skipped {skipped} FLOP budget(s) with fewer than {min_sizes} "
-                  "model sizes or a loss curve that does not bend upwards.")
-  if len(budgets) < 2:
+                  "model sizes or a loss curve that does not bend upwards.",
+                  stacklevel=2)
+  if len(budget_list) < 2:
     raise ScalingFitError(
         f"approach 2 needs IsoFLOP data: at least 2 FLOP budgets (more than {gap_dex} decades "
-        f"apart) with {min_sizes}+ model sizes each around the minimum; found {len(budgets)}.")
-  budgets, n_opt = np.array(budgets), np.array(n_opt)
+        f"apart) with {min_sizes}+ model sizes each around the minimum; found {len(budget_list)}.")
+  budgets, n_opt = np.array(budget_list), np.array(n_opt_list)
   d_opt = budgets / (6.0 * n_opt)
   return AllocationFit(2, PowerLaw.fit(budgets, n_opt), PowerLaw.fit(budgets, d_opt),
                        budgets, n_opt, d_opt, tuple(details))

@@ -9,7 +9,8 @@ iteration, so backtracking is spread over iterations and lanes never wait for on
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,8 @@ def _two_loop(g, mem_s, mem_y, mem_rho):
   q, alphas = jax.lax.scan(backward, g, (s_m, y_m, rho_m), reverse=True)
   s_new, y_new = s_m[-1], y_m[-1]
   yy = _dot(y_new, y_new)
-  gamma = jnp.where((rho_m[-1] > 0) & (yy > 0), _dot(s_new, y_new) / jnp.where(yy > 0, yy, 1.0), 1.0)
+  gamma = jnp.where((rho_m[-1] > 0) & (yy > 0),
+                    _dot(s_new, y_new) / jnp.where(yy > 0, yy, 1.0), 1.0)
 
   def forward(r, pair):
     s, y, rho, a = pair
@@ -121,8 +123,13 @@ def minimize(
     y = g_try - st.g
     sy = _dot(s, y)
     good_pair = accept & (sy > eps * jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(y, axis=-1))
-    shift = lambda mem, new: jnp.concatenate([mem[:, 1:], new[:, None]], axis=1)
-    sel = lambda mask, a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+    def shift(mem, new):  # drop the oldest pair, append the new one
+      return jnp.concatenate([mem[:, 1:], new[:, None]], axis=1)
+
+    def sel(mask, a, b):  # per-start select, mask [S] broadcast over a's trailing axes
+      return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
     mem_s = sel(good_pair, shift(st.mem_s, s), st.mem_s)
     mem_y = sel(good_pair, shift(st.mem_y, y), st.mem_y)
     mem_rho = sel(good_pair, shift(st.mem_rho, 1.0 / jnp.where(sy > 0, sy, 1.0)), st.mem_rho)

@@ -11,11 +11,16 @@ surprising. New scorers are functions `(domain, documents) -> {column: array}` a
 from __future__ import annotations
 
 import argparse
-import sys
+import hashlib
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from loam.data import corpora
+from loam import cli
+from loam import run as run_lib
+from loam.data import corpora, heldout, objectives, tokenized
 from loam.selection import columns as columns_lib
 from loam.selection import heuristics
 
@@ -27,7 +32,6 @@ def heuristic_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str,
 def random_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str, np.ndarray]:
     """Column `random`: a uniform [0, 1) number from a hash of the document id. Keeping a range
     of it takes a reproducible random subset (e.g. the same documents in two orders)."""
-    import hashlib
     return {"random": np.array([int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "little")
                                 / 2**64 for d, _ in docs], np.float32)}
 
@@ -35,14 +39,8 @@ def random_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str, np
 def model_scorer(domain: str, docs: list[tuple[str, str]], workdir: str, column: str,
                  step: int | None = None, data_dir=None, **_) -> dict[str, np.ndarray]:
     """Mean loss (nats/token) of every document under the checkpoint; NaN for empty ones."""
-    import jax
-    import jax.numpy as jnp
-
-    from loam import eval as eval_lib
-    from loam.data import mixture, objectives, tokenized
-
-    run = _cached_run(workdir, step)
-    config, model, params = run["config"], run["model"], run["params"]
+    params, run = _cached_run(workdir, step)
+    config, model = run.config, run.model
     objective = objectives.get_objective("causal")
     seq_len, batch_size = int(config.data.seq_len), int(config.eval_batch_size)
 
@@ -58,7 +56,7 @@ def model_scorer(domain: str, docs: list[tuple[str, str]], workdir: str, column:
     count = np.zeros(len(docs))
     corpus = tokenized.load(domain, data_dir)
     for split in ("train", "validation"):
-        for b in mixture.document_batches(domain, corpus.split(split), objective, seq_len,
+        for b in heldout.document_batches(domain, corpus.split(split), objective, seq_len,
                                           batch_size):
             nll = np.asarray(token_losses(params, {k: jnp.asarray(v) for k, v in b.items()}))
             ids, w = b["doc_ids"].reshape(-1), b["loss_weights"].reshape(-1)
@@ -73,14 +71,15 @@ _RUNS: dict = {}
 
 
 def _cached_run(workdir, step):
-    from loam import eval as eval_lib
     key = (str(workdir), step)
     if key not in _RUNS:
-        _RUNS[key] = eval_lib.load_run(workdir, step)
+        params, run, _ = run_lib.load_params(workdir, step)
+        _RUNS[key] = (params, run)
     return _RUNS[key]
 
 
-SCORERS = {"heuristic": heuristic_scorer, "random": random_scorer, "model": model_scorer}
+SCORERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "heuristic": heuristic_scorer, "random": random_scorer, "model": model_scorer}
 
 
 def score(scorer: str, domains=corpora.DOMAIN_NAMES, data_dir=None, out=None, **kwargs):
@@ -108,16 +107,12 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=None, help="model scorer: checkpoint step")
     p.add_argument("--column", default="ref_loss", help="model scorer: column name")
     args = p.parse_args(argv)
-    from loam.eval import quiet_orbax
-    quiet_orbax()
+    cli.quiet_logs()
     if args.scorer == "model" and not args.workdir:
-        p.error("--scorer model needs --workdir of a trained loam run")
-    try:
+        cli.fail("--scorer model needs --workdir of a trained loam run")
+    with cli.user_errors():
         score(args.scorer, tuple(args.domains.split(",")), args.data_dir, args.out,
               workdir=args.workdir, step=args.step, column=args.column)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

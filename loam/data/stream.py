@@ -1,0 +1,315 @@
+"""The deterministic mixture stream: the object the trainer asks for batches.
+
+The batch at step t is a pure function of (seed, config, t) — and, for an adaptive weight source,
+of the losses of earlier steps, which the weights log records — computed by random access:
+
+* Every batch row comes from one domain. How many rows each domain gets at step t follows the
+  cumulative target ``B * sum_{s<=t} w(s)`` by largest remainder on the running deficit, so the
+  realised shares track the weights exactly over time. This needs no data, only integers: the
+  data position is the per-domain count of rows consumed before t.
+* The weights w(s) come from the stream's weights log (``loam.data.weights``).
+* A domain's rows are read from packed epochs (``loam.data.packing``) of its current view
+  (``loam.data.views``): shuffled, or ordered / filtered by a score column.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from loam.data import corpora, tokenized, views
+from loam.data import objectives as obj_lib
+from loam.data import weights as weights_lib
+from loam.data.packing import DomainData, Packing, assemble
+
+
+def allocate_rows(deficit: Sequence[float], rows: int) -> list[int]:
+    """Integer rows per domain (summing to ``rows``) that best close the running deficit:
+    floors of the positive deficits, then the largest remainders (ties to the lower index).
+    Plain Python on a handful of numbers: it runs once per step, sequentially from step 0."""
+    n = [int(math.floor(max(d, 0.0) + 1e-9)) for d in deficit]
+    total = sum(n)
+    if total > rows:  # some domain is over-served after a schedule change: one row at a time
+        n = [0] * len(n)
+        for _ in range(rows):
+            gaps = [d - k for d, k in zip(deficit, n)]
+            n[gaps.index(max(gaps))] += 1
+        return n
+    order = sorted(range(len(n)), key=lambda i: -(deficit[i] - n[i]))  # stable
+    for i in order[:rows - total]:
+        n[i] += 1
+    return n
+
+
+class MixtureStream:
+    """Packed batches of a weighted mixture of domains, by random access on the step.
+
+    ``weights``: a ``WeightSource`` or anything ``weights.as_source`` takes (a dict, one number
+    per domain, a ``step -> weights`` function).
+    """
+
+    def __init__(self, domains: Sequence[str], objective, weights, seq_len: int,
+                 batch_size: int, seed: int, data_dir=None, process_index: int = 0,
+                 process_count: int = 1, pack_cache: int = 3, scores_dir=None):
+        self.names = list(domains)
+        if not self.names:
+            raise ValueError("the mixture has no domains; list at least one task or domain")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"domains {self.names} list a name twice; list each once")
+        self.domain_names = [corpora.resolve_domain(d) for d in self.names]
+        if len(set(self.domain_names)) != len(self.domain_names):
+            raise ValueError(f"tasks {self.names} name the same domain twice; list each once")
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} "
+                             "processes; make the global batch a multiple of the process count")
+        self.objective = obj_lib.get_objective(objective)
+        self.source = weights_lib.as_source(weights, self.names)
+        self.log = weights_lib.WeightsLog(self.source, self.names)
+        # The source's index of each stream domain (None: the source does not name it).
+        self._source_k = [self.source.domains.index(n) if n in self.source.domains else None
+                          for n in self.names]
+        self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
+        self.process_index, self.process_count = process_index, process_count
+        self.data_dir, self.scores_dir = data_dir, scores_dir or data_dir
+        self.max_input_len = self.objective.max_input_len(self.seq_len)
+        self.data = [DomainData(d, tokenized.load(d, data_dir).train, self.max_input_len)
+                     for d in self.domain_names]
+        self.domain_ids = np.array([dd.domain_id for dd in self.data], np.int32)
+        self.weights_at(0)  # validate now, not at the first batch
+        self._reset_allocation()
+        # Per domain and view: rows and tokens of each packed epoch so far (small), packings (LRU).
+        self._epoch_rows: dict = {}
+        self._epoch_tokens: dict = {}
+        self._view_base: dict = {}
+        for k in range(len(self.data)):  # columns and quantile ranges are checked now, not mid-run
+            for v in self._sources(k):
+                if v is not None:
+                    self._view_chunks(k, v, 0)
+        self._packings: collections.OrderedDict = collections.OrderedDict()
+        self._pack_cache = max(1, pack_cache) * len(self.data)
+
+    # -- weights and the data position (integers only, no data touched)
+
+    def weights_at(self, step: int) -> np.ndarray:
+        """The weights of ``step`` in the order of ``names`` (normalised; from the log)."""
+        return self.log.at(step)
+
+    def weights_log(self, upto: int) -> np.ndarray:
+        """The weights of steps [0, upto), shape [upto, len(names)]."""
+        return self.log.rows(upto)
+
+    def observe(self, step: int, loss_sums, tokens) -> None:
+        """Per-domain training loss sums and token counts of ``step`` (in the order of
+        ``names``), for an adaptive weight source; see ``weights.FEEDBACK_DELAY``."""
+        self.log.observe(step, loss_sums, tokens)
+
+    def _reset_allocation(self) -> None:
+        # Memoised allocation: _consumed[t] = rows per domain consumed before step t.
+        self._consumed = np.zeros((1024, len(self.data)), np.int64)
+        self._num_alloc = 1
+        self._target = [0.0] * len(self.data)  # B * sum of weights over the allocated steps
+
+    def rows_consumed(self, step: int) -> np.ndarray:
+        """Rows each domain has contributed before ``step`` (global batch)."""
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        if step >= self._num_alloc:
+            self._extend_allocation(step)
+        return self._consumed[step].copy()
+
+    def _extend_allocation(self, step: int) -> None:
+        if step >= self._consumed.shape[0]:
+            grown = np.zeros((max(2 * self._consumed.shape[0], step + 1), len(self.data)),
+                             np.int64)
+            grown[:self._num_alloc] = self._consumed[:self._num_alloc]
+            self._consumed = grown
+        constant = self.log.constant.tolist() if self.log.constant is not None else None
+        cons = self._consumed[self._num_alloc - 1].tolist()
+        target, B = self._target, self.batch_size
+        for s in range(self._num_alloc - 1, step):
+            w = constant if constant is not None else self.log.at(s).tolist()
+            target = [t + B * x for t, x in zip(target, w)]
+            n = allocate_rows([t - c for t, c in zip(target, cons)], B)
+            cons = [c + k for c, k in zip(cons, n)]
+            self._consumed[s + 1] = cons
+        self._target, self._num_alloc = target, step + 1
+
+    def rows_at(self, step: int) -> np.ndarray:
+        return self.rows_consumed(step + 1) - self.rows_consumed(step)
+
+    def state_dict(self, step: int) -> dict:
+        """The data position at ``step`` (JSON-able). With an adaptive weight source it also
+        holds the weights log, the source's state and the observations not yet handed to it."""
+        return {"step": int(step), "rows_consumed": self.rows_consumed(step).tolist(),
+                "domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size,
+                **self.log.state_dict(step)}
+
+    def check_state(self, state: Mapping) -> None:
+        """Raises ValueError if a saved data position disagrees with this stream's config. With
+        an adaptive source the rows consumed are checked by ``load_state``, once the saved log
+        is in place."""
+        mine = {"domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size}
+        if not self.log.adaptive or self.log.length >= int(state["step"]):
+            mine["rows_consumed"] = self.rows_consumed(int(state["step"])).tolist()
+        self._compare(state, mine)
+
+    def _compare(self, state: Mapping, mine: dict) -> None:
+        step = int(state["step"])
+        for key, value in mine.items():
+            if key in state and list(np.atleast_1d(state[key])) != list(np.atleast_1d(value)):
+                raise ValueError(
+                    f"the checkpoint's data position at step {step} has {key}={state[key]}, but "
+                    f"this config gives {value}: the domains, weights schedule, batch size "
+                    "or seed changed since it was saved. Restore the original config to resume "
+                    "exactly, or train into a new workdir")
+
+    def load_state(self, state: Mapping) -> None:
+        """Checks a saved data position and restores the weights log and source state it holds."""
+        self.check_state(state)
+        if self.log.adaptive:
+            self.log.load_state_dict(state)
+            self._reset_allocation()
+            self._compare(state, {"rows_consumed": self.rows_consumed(int(state["step"]))})
+
+    # -- packings (one source per domain and view: a view orders or filters the documents)
+
+    def _view(self, step: int, k: int):
+        j = self._source_k[k]
+        v = None if j is None else self.source.view_at(step, j)
+        return None if v is None or v.is_default else v
+
+    def _intervals(self, k: int):
+        j = self._source_k[k]
+        return None if j is None else self.source.view_intervals(j)
+
+    def _source_rows_before(self, step: int, k: int, v) -> int:
+        """Rows that domain k's view `v` contributed before ``step``."""
+        intervals = self._intervals(k)
+        if intervals is None:
+            return int(self.rows_consumed(step)[k])
+        total = 0
+        for a, b, view in intervals:
+            view = None if view.is_default else view
+            if view != v or a >= step:
+                continue
+            end = step if b is None else min(b, step)
+            total += int(self.rows_consumed(end)[k] - self.rows_consumed(a)[k])
+        return total
+
+    def _sources(self, k: int) -> list:
+        intervals = self._intervals(k)
+        if intervals is None:
+            return [None]
+        return list(dict.fromkeys(None if v.is_default else v for _, _, v in intervals))
+
+    def _view_chunks(self, k: int, v, epoch: int) -> np.ndarray:
+        """Chunk order of one epoch of a view: sorted by its column, or a seeded shuffle of the
+        kept chunks."""
+        dd = self.data[k]
+        base = self._view_base.get((k, v))
+        if base is None:
+            base = self._view_base[(k, v)] = views.select_chunks(
+                v, dd.name, dd.chunk_doc, dd.split.doc_index, self.scores_dir, self.data_dir)
+        if v.order_column:
+            return base  # the same order every epoch
+        salt = int.from_bytes(hashlib.sha256(v.describe().encode()).digest()[:4], "little")
+        key = int(obj_lib.derive_seeds(self.seed, dd.domain_id, epoch, salt))
+        return base[np.random.Generator(np.random.Philox(key=key)).permutation(base.shape[0])]
+
+    def packing(self, k: int, epoch: int, v=None) -> Packing:
+        key = (k, v, epoch)
+        if key in self._packings:
+            self._packings.move_to_end(key)
+            return self._packings[key]
+        chunks = None if v is None else self._view_chunks(k, v, epoch)
+        p = self.data[k].pack(self.objective, self.seq_len, self.seed, epoch, chunks=chunks)
+        self._packings[key] = p
+        if len(self._packings) > self._pack_cache:
+            self._packings.popitem(last=False)
+        return p
+
+    def _ensure_epochs(self, k: int, rows: int, v=None) -> None:
+        """Pack epochs of domain k's view v until they hold at least ``rows`` rows."""
+        er = self._epoch_rows.setdefault((k, v), [])
+        et = self._epoch_tokens.setdefault((k, v), [])
+        while sum(er) < rows:
+            p = self.packing(k, len(er), v)
+            er.append(p.num_rows)
+            et.append(int(p.row_tokens.sum()))
+
+    def _locate(self, k: int, row: int, v=None) -> tuple[int, int]:
+        """(epoch, row within the epoch) of a row index of domain k's view v."""
+        self._ensure_epochs(k, row + 1, v)
+        er = self._epoch_rows[(k, v)]
+        ends = np.cumsum(er)
+        epoch = int(np.searchsorted(ends, row, side="right"))
+        return epoch, row - int(ends[epoch] - er[epoch])
+
+    # -- batches
+
+    def _row_specs(self, step: int, lo: int, hi: int):
+        counts = self.rows_at(step)
+        starts = np.cumsum(counts) - counts
+        specs = []
+        for i in range(lo, hi):
+            k = int(np.searchsorted(starts + counts, i, side="right"))
+            v = self._view(step, k)
+            before = self._source_rows_before(step, k, v)
+            epoch, r = self._locate(k, int(before + i - starts[k]), v)
+            p = self.packing(k, epoch, v)
+            specs.append((self.data[k], p.order[p.row_ptr[r]:p.row_ptr[r + 1]], p.seeds))
+        return specs
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch at ``step``: rows [p*B/P, (p+1)*B/P)."""
+        local = self.batch_size // self.process_count
+        lo = self.process_index * local
+        return assemble(self._row_specs(int(step), lo, lo + local), self.objective, self.seq_len)
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        return assemble(self._row_specs(int(step), 0, self.batch_size), self.objective,
+                        self.seq_len)
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    # -- accounting
+
+    def stats(self, step: int) -> dict:
+        """Per-domain consumption before ``step`` (global batch, in the order of ``domains``):
+        rows, tokens (non-padding positions), epochs (tokens over the domain's training tokens)
+        and the padding fraction."""
+        rows = self.rows_consumed(step)
+        tokens = np.zeros(len(self.data), np.int64)
+        for k in range(len(self.data)):
+            for v in self._sources(k):
+                n = self._source_rows_before(step, k, v)
+                if n == 0:
+                    continue
+                epoch, r = self._locate(k, n - 1, v)
+                p = self.packing(k, epoch, v)
+                tokens[k] += (sum(self._epoch_tokens[(k, v)][:epoch])
+                              + int(p.row_tokens[:r + 1].sum()))
+        epochs = tokens / np.array([max(dd.split.num_tokens, 1) for dd in self.data])
+        total = int(rows.sum()) * self.seq_len
+        return {"domains": list(self.names), "rows": rows.tolist(), "tokens": tokens.tolist(),
+                "epochs": epochs.tolist(),
+                "padding_fraction": float(1.0 - tokens.sum() / total) if total else 0.0}
+
+    def epoch_stats(self, k: int = 0, epoch: int = 0) -> dict:
+        """Rows, tokens and padding fraction of one packed epoch of domain k."""
+        p = self.packing(k, epoch)
+        return {"rows": p.num_rows, "tokens": int(p.row_tokens.sum()),
+                "padding_fraction": float(1.0 - p.row_tokens.sum() / (p.num_rows * self.seq_len))}

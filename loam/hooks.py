@@ -1,0 +1,174 @@
+"""Loop hooks: what runs around the compiled step without living inside the loop.
+
+The training loop (and the swarm's) calls each hook after every step with that step's metrics on
+the host (per-domain loss sums and token counts of *every* step), after each evaluation, when a
+checkpoint is saved (a hook may add its state to the checkpoint's metadata) and when one is
+restored. Logging, token accounting, the schedule plot and the feedback that online mixing
+controllers read are hooks; a new method adds a hook instead of a branch in the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loam import metrics as metrics_lib
+from loam import plots
+
+
+class Hook:
+    """Every method is optional. ``name`` keys the hook's state in the checkpoint metadata."""
+
+    name = ""
+
+    def after_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """``step`` is the 0-based index of the update whose host-side metrics these are;
+        called once per step, in step order."""
+
+    def on_eval(self, step: int, record: dict) -> None:
+        """After an evaluation of the parameters at ``step`` (updates done)."""
+
+    def on_save(self, step: int) -> dict | None:
+        """State to store with the checkpoint of ``step`` (JSON-able), or None."""
+        return None
+
+    def on_restore(self, step: int, state: dict | None) -> None:
+        """The state this hook stored with the checkpoint the run resumes from."""
+
+    def on_end(self, step: int) -> None:
+        """The loop stopped after ``step`` updates (finished, preempted or failed)."""
+
+
+class Hooks(Hook):
+    """A list of hooks called in order; itself a hook."""
+
+    def __init__(self, hooks: Sequence[Hook | None]):
+        self.hooks = [h for h in hooks if h is not None]
+        names = [h.name for h in self.hooks if h.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hook names repeat: {names}")
+
+    def after_step(self, step, metrics):
+        for h in self.hooks:
+            h.after_step(step, metrics)
+
+    def on_eval(self, step, record):
+        for h in self.hooks:
+            h.on_eval(step, record)
+
+    def on_save(self, step):
+        states = {h.name: h.on_save(step) for h in self.hooks if h.name}
+        return {k: v for k, v in states.items() if v is not None}
+
+    def on_restore(self, step, state):
+        state = state or {}
+        for h in self.hooks:
+            h.on_restore(step, state.get(h.name) if h.name else None)
+
+    def on_end(self, step):
+        for h in self.hooks:
+            h.on_end(step)
+
+
+def domain_view(metrics: dict, domain_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(loss sums, tokens) of the stream's domains, in the stream's order, from step metrics
+    whose per-domain vectors are indexed by global domain id."""
+    ids = np.asarray(domain_ids)
+    return (np.asarray(metrics["domain_loss_sum"], np.float64)[..., ids],
+            np.asarray(metrics["domain_tokens"], np.float64)[..., ids])
+
+
+class MixtureFeedback(Hook):
+    """Hands every step's per-domain training losses to the stream's weight source (an online
+    mixing controller); the stream decides when the source may see them (its feedback delay)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.domain_ids = [int(i) for i in stream.domain_ids]
+
+    def after_step(self, step, metrics):
+        loss_sums, tokens = domain_view(metrics, self.domain_ids)
+        self.stream.observe(step, loss_sums, tokens)
+
+
+class MetricLogger(Hook):
+    """metrics.jsonl + TensorBoard every ``log_every`` steps: loss per domain, learning rate,
+    throughput and MFU, mixture weights, and tokens consumed against the plan."""
+
+    def __init__(self, writer: metrics_lib.MetricWriter, stream, steps: int, log_every: int,
+                 flops_per_token: float, peak_flops: float, start: int = 0):
+        self.writer, self.stream = writer, stream
+        self.steps, self.log_every = steps, log_every
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.domains = list(stream.names)
+        self.domain_ids = [int(i) for i in stream.domain_ids]
+        self.tokens_per_step = stream.batch_size * stream.seq_len
+        self.progress = metrics_lib.Progress(steps, start, every=max(10, log_every))
+        self.window_t, self.window_steps = time.time(), 0
+        self._planned_at, self._planned = 0, np.zeros(len(self.domains))
+
+    def planned_tokens(self, step: int) -> np.ndarray:
+        """Token positions each domain should have had before ``step``: B·L·Σ_{s<step} w(s)."""
+        if step < self._planned_at:
+            self._planned_at, self._planned = 0, np.zeros(len(self.domains))
+        for s in range(self._planned_at, step):
+            self._planned = self._planned + self.tokens_per_step * self.stream.weights_at(s)
+        self._planned_at = step
+        return self._planned
+
+    def after_step(self, step, m):
+        self.window_steps += 1
+        step_no = step + 1
+        if step_no % self.log_every and step_no != self.steps:
+            return
+        now = time.time()
+        tok_s = self.window_steps * self.tokens_per_step / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_steps = now, 0
+        sums, tokens = domain_view(m, self.domain_ids)
+        per_domain = {d: float(s / t) for d, s, t in zip(self.domains, sums, tokens) if t > 0}
+        stats = self.stream.stats(step_no)
+        loss = float(m["loss"])
+        record = {
+            "loss": loss, "loss_per_domain": per_domain, "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+            "mfu": self.flops_per_token * tok_s / self.peak,
+            "mixture_weights": dict(zip(self.domains, map(float, self.stream.weights_at(step)))),
+            "tokens_consumed": dict(zip(self.domains, map(int, stats["tokens"]))),
+            "tokens_planned": dict(zip(self.domains, map(float, self.planned_tokens(step_no)))),
+            "rows_consumed": dict(zip(self.domains, map(int, stats["rows"]))),
+            "epochs_consumed": dict(zip(self.domains, map(float, stats["epochs"]))),
+        }
+        self.writer.write(step_no, record)
+        self.progress.update(step_no, f"loss {loss:.3f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s")
+
+
+class SchedulePlot(Hook):
+    """schedule.png: mixture weights and learning rate against step. A static source is drawn
+    whole at the start; an adaptive one as realised so far, at every save and at the end."""
+
+    def __init__(self, path: Path, stream, lr_at, steps: int, enabled: bool = True):
+        self.path, self.stream, self.lr_at, self.steps = Path(path), stream, lr_at, steps
+        self.enabled = enabled
+        self.adaptive = bool(stream.source.adaptive)
+        described = stream.source.describe() or {}
+        self.stage_starts = [int(s["start"]) for s in described.get("stages", [])]
+        if enabled and not self.adaptive:
+            self._draw(steps)
+
+    def _draw(self, upto: int):
+        if self.enabled and upto > 0:
+            plots.schedule_plot(self.path, self.stream.names, self.stream.weights_at, self.lr_at,
+                                upto, self.stage_starts)
+
+    def on_save(self, step):
+        if self.adaptive:
+            self._draw(step)
+        return None
+
+    def on_end(self, step):
+        if self.adaptive:
+            self._draw(step)

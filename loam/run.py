@@ -1,0 +1,234 @@
+"""Builders: one place that turns a config into a model, optimizer, schedule, stream and mesh,
+and opens a run directory. train, eval, the swarm, sweeps, averaging, selection and the
+benchmarks all build through here, so a config means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from loam import checkpoint as ckpt_lib
+from loam import step as step_lib
+from loam.data import corpora, objectives
+from loam.data import stream as stream_lib
+from loam.data import vocab as vocab_lib
+from loam.data import weights as weights_lib
+from loam.model import sharding, sizes
+from loam.model.transformer import ModelConfig, Transformer
+
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------- config
+
+def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list]:
+    """The config a run will use, validated before anything is written, and notes to print.
+
+    A warmup longer than the run is clamped (to a tenth of the steps) rather than refused: a
+    shorter run is the first thing a user tries.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    notes = []
+    steps = int(c.steps)
+    if steps < 1:
+        raise ConfigError(f"steps={steps}; a run needs steps >= 1")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "eval_tokens", "eval_batch_size"):
+        if key in c and int(c[key]) < 1:
+            raise ConfigError(f"{key}={c[key]} must be >= 1 (use a value larger than steps, "
+                              f"e.g. {key}={steps}, to do it only at the end)")
+    o = c.optim
+    for key in ("lr", "weight_decay", "b1", "b2", "z_loss"):
+        if not math.isfinite(float(o[key])) or float(o[key]) < 0:
+            raise ConfigError(f"optim.{key}={o[key]} must be a finite, non-negative number")
+    if float(o.lr) <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.clip_norm is not None and not (math.isfinite(float(o.clip_norm))
+                                        and float(o.clip_norm) >= 0):
+        raise ConfigError(f"optim.clip_norm={o.clip_norm} must be finite and >= 0 (0: no clipping)")
+    if int(o.warmup_steps) < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if int(o.warmup_steps) > steps:
+        clamped = steps // 10
+        notes.append(f"optim.warmup_steps={o.warmup_steps} exceeds steps={steps}; warming up "
+                     f"over {clamped} steps (a tenth of the run) instead. Set "
+                     "--config.optim.warmup_steps to choose.")
+        o.warmup_steps = clamped
+    if int(o.accum_steps) < 1 or int(c.data.batch_size) % int(o.accum_steps):
+        raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
+                          f"data.batch_size={c.data.batch_size}")
+    return c, notes
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The resolved config a run directory was trained with."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the directory must be a loam run directory "
+                                "(created by python -m loam.train)")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the timestamped "
+                          "copy next to it (config.*.json) or retrain") from None
+
+
+# Fields a resumed run must share with the run it continues; anything else (steps, future
+# curriculum stages, eval cadence, the mesh) may change.
+RESUME_FIELDS = ("seed", "model.size", *(f"model.{k}" for k in SHAPE_FIELDS),
+                 "model.tied_embeddings", "data.domains", "data.objective", "data.seq_len",
+                 "data.batch_size", "data.dir", "mixing")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "get") or part not in node:
+            return None
+        node = node[part]
+    return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str | None:
+    """The first field that differs between a run's saved config and a resuming one, as a
+    message, or None when the new config can continue the run."""
+    for field in RESUME_FIELDS:
+        a, b = _get(saved, field), _get(new, field)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            return (f"{field} was {a!r} in the run being resumed but this config gives {b!r}; "
+                    "a run can only continue with the model, data and seed it started with. "
+                    "Restore the original value, or train into a new workdir")
+    return None
+
+
+# --------------------------------------------------------------------------- builders
+
+def model_config(config, vocab_size: int = vocab_lib.VOCAB_SIZE) -> ModelConfig:
+    """The named size, with any nonzero explicit shape field replacing the size's."""
+    cfg = sizes.get_size(config.model.size, vocab_size)
+    shape: dict[str, Any] = {k: int(config.model.get(k, 0) or 0) for k in SHAPE_FIELDS}
+    shape = {k: v for k, v in shape.items() if v > 0}
+    if shape:  # head_dim and kv heads are re-derived from the new shape unless given
+        if "n_heads" in shape and "n_kv_heads" not in shape:
+            shape["n_kv_heads"] = shape["n_heads"]
+        cfg = dataclasses.replace(cfg, head_dim=None, **shape)
+    return dataclasses.replace(
+        cfg, remat=config.model.remat, tied_embeddings=config.model.tied_embeddings,
+        dtype=config.model.dtype, max_len=config.data.seq_len)
+
+
+def build_model(config) -> Transformer:
+    return Transformer(model_config(config))
+
+
+def lr_schedule(config, peak: Any = None) -> optax.Schedule:
+    """The run's learning-rate schedule; ``peak`` overrides optim.lr (a swarm member's, traced)."""
+    o = config.optim
+    return step_lib.lr_schedule(o.schedule, o.lr if peak is None else peak, config.steps,
+                                o.warmup_steps, final_fraction=o.final_lr_fraction,
+                                decay_fraction=o.decay_fraction)
+
+
+def build_optimizer(config, peak: Any = None) -> optax.GradientTransformation:
+    o = config.optim
+    return step_lib.make_optimizer(lr_schedule(config, peak), weight_decay=o.weight_decay,
+                                   b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
+
+
+def build_mesh(config, devices=None) -> Mesh:
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                              devices=devices)
+
+
+def num_domains(config) -> int:
+    """Length of the per-domain loss vectors of the compiled step (batches carry global ids)."""
+    del config
+    return len(corpora.DOMAIN_NAMES)
+
+
+def build_stream(config, process_index: int = 0,
+                 process_count: int = 1) -> stream_lib.MixtureStream:
+    return stream_lib.MixtureStream(
+        domains=list(config.data.domains),
+        objective=objectives.get_objective(config.data.objective),
+        weights=weights_lib.source_from_config(config), seq_len=config.data.seq_len,
+        batch_size=config.data.batch_size, seed=config.seed,
+        data_dir=config.data.dir or None, scores_dir=config.data.get("scores_dir") or None,
+        process_index=process_index, process_count=process_count)
+
+
+def build_train_step(config, model, optimizer, mesh, state_shardings):
+    o = config.optim
+    return step_lib.make_train_step(model, optimizer, mesh, state_shardings, num_domains(config),
+                                    z_loss=o.z_loss, accum_steps=o.accum_steps)
+
+
+# --------------------------------------------------------------------------- run directories
+
+@dataclasses.dataclass
+class Run:
+    """A run directory opened for reading: its config, model, mesh and checkpoints."""
+    workdir: Path
+    config: ml_collections.ConfigDict
+    model: Transformer
+    mesh: Mesh
+    checkpointer: ckpt_lib.Checkpointer
+    abstract: Any  # ShapeDtypeStructs of the whole train state, sharded on `mesh`
+
+    def steps(self) -> list[int]:
+        return self.checkpointer.steps()
+
+    def pick_step(self, step: int | None) -> int:
+        available = self.steps()
+        if not available:
+            raise FileNotFoundError(f"no checkpoints in {self.workdir / 'checkpoints'}")
+        if step is None:
+            return available[-1]
+        if step not in available:
+            raise ValueError(f"no checkpoint for step {step} in {self.workdir}; available: "
+                             f"{available}")
+        return step
+
+    def restore(self, step: int | None = None):
+        """(state, meta) of a checkpoint, optimizer state included (resuming, averaging)."""
+        return self.checkpointer.restore(self.pick_step(step), self.abstract)
+
+    def close(self):
+        self.checkpointer.close()
+
+
+def open_run(workdir: str | Path, devices=None) -> Run:
+    """A run directory's config, model, mesh and checkpointer, ready to restore any step. The
+    mesh is the run's own unless it does not fit these devices (then all devices, data-parallel)."""
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    model = build_model(config)
+    try:
+        mesh = build_mesh(config, devices)
+    except ValueError:
+        mesh = sharding.make_mesh(-1, 1, 1, devices=devices)
+    abstract, _ = step_lib.abstract_state(model, build_optimizer(config), mesh,
+                                          config.data.seq_len)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    return Run(workdir, config, model, mesh, checkpointer, abstract)
+
+
+def load_params(workdir: str | Path, step: int | None = None, devices=None):
+    """(params, run, step): the parameters of one checkpoint (default: the newest), without the
+    optimizer state and on any number of devices. What a notebook or an evaluator calls."""
+    run = open_run(workdir, devices)
+    step = run.pick_step(step)
+    params = run.checkpointer.restore_params(step, run.abstract.params)
+    return params, run, step
