@@ -164,11 +164,11 @@ def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh):
     return grads, aux
 
 
-class _OnMesh:
+class OnMesh:
     """Calls (and so traces) a jitted function with the mesh and logical rules active;
     ``jitted`` is the function itself, for ``.lower()`` in benchmarks and scale checks."""
 
-    def __init__(self, jitted: Callable, mesh: Mesh):
+    def __init__(self, jitted: Any, mesh: Mesh):  # a jax.jit-wrapped function (has .lower)
         self.jitted, self.mesh = jitted, mesh
 
     def __call__(self, *args):
@@ -176,8 +176,8 @@ class _OnMesh:
             return self.jitted(*args)
 
 
-def _with_mesh(fn: Callable, mesh: Mesh) -> _OnMesh:
-    return _OnMesh(fn, mesh)
+def _with_mesh(fn: Any, mesh: Mesh) -> OnMesh:
+    return OnMesh(fn, mesh)
 
 
 def update(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -226,7 +226,7 @@ def update(state: TrainState, batch: Batch, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, num_domains: int, z_loss: float = 0.0,
-                    accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
+                    accum_steps: int = 1) -> OnMesh:
     """`update` jitted: (state, batch) -> (state, metrics), state donated and sharded."""
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -243,7 +243,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, num_domains: int,
-                   param_shardings: Any = None) -> Callable[[Any, Batch], dict]:
+                   param_shardings: Any = None) -> OnMesh:
     """jit'ed (params, batch) -> {domain_loss_sum, domain_tokens, loss_sum, tokens}."""
     def eval_step(params, batch):
         _, aux = loss_sums(params, model, batch, num_domains, 0.0)

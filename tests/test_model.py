@@ -33,7 +33,10 @@ def _jitted_apply(model):
 
 def _logits(model, params, inputs, segment_ids=None, positions=None, prefix=None):
     n = len(inputs)
-    row = lambda x, default: jnp.asarray(np.asarray(default if x is None else x, np.int32)[None])
+
+    def row(x, default):
+        return jnp.asarray(np.asarray(default if x is None else x, np.int32)[None])
+
     out = _jitted_apply(model)(params, row(inputs, None), row(segment_ids, np.ones(n)),
                                row(positions, np.arange(n)), row(prefix, np.zeros(n)))
     return np.asarray(out)[0]
@@ -90,7 +93,11 @@ COUNT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cfg", COUNT_CASES, ids=lambda c: f"d{c.d_model}_kv{c.n_kv_heads}_t{int(c.tied_embeddings)}")
+def _count_case_id(c):
+    return f"d{c.d_model}_kv{c.n_kv_heads}_t{int(c.tied_embeddings)}"
+
+
+@pytest.mark.parametrize("cfg", COUNT_CASES, ids=_count_case_id)
 def test_param_count_matches_initialised_tree(cfg):
     tree = jax.eval_shape(lambda r: st._unbox(Transformer(cfg).init(
         r, jnp.zeros((1, 8), jnp.int32))["params"]), jax.random.key(0))
@@ -105,7 +112,9 @@ def test_param_count_matches_initialised_tree(cfg):
 
 
 def test_named_sizes_land_where_named():
-    n = lambda name: sizes.count_params(sizes.get_size(name))["non_embedding"]
+    def n(name):
+        return sizes.count_params(sizes.get_size(name))["non_embedding"]
+
     assert 0.08e6 < n("nano") < 0.15e6
     assert 0.8e6 < n("tiny") < 1.3e6
     assert 3e6 <= n("mini") <= 5e6
@@ -213,8 +222,8 @@ def test_prefix_is_bidirectional():
     # Beyond the prefix the model stays causal: changing a later non-prefix token is invisible.
     late = tokens.copy()
     late[12] = (tokens[12] + 3) % 64
-    np.testing.assert_allclose(with_prefix[0][:12], _logits(model, params, late, prefix=prefix)[:12],
-                               atol=1e-6)
+    np.testing.assert_allclose(with_prefix[0][:12],
+                               _logits(model, params, late, prefix=prefix)[:12], atol=1e-6)
 
 
 def test_packed_segment_equals_alone():
@@ -252,7 +261,8 @@ def test_loss_fn_domain_sums_add_up_and_weights_mask():
     loss_fn = jax.jit(lambda p, b: st.loss_fn(p, model, b, 5))
     loss, aux = loss_fn(params, batch)
     assert float(aux["tokens"]) == batch["loss_weights"].sum()
-    np.testing.assert_allclose(float(aux["domain_loss_sum"].sum()), float(aux["loss_sum"]), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["domain_loss_sum"].sum()), float(aux["loss_sum"]),
+                               rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(aux["loss_sum"] / aux["tokens"]), rtol=1e-6)
     assert aux["domain_tokens"].tolist()[3:] == [0.0, 0.0]
     # Changing a target where the weight is 0 changes nothing.
@@ -271,7 +281,10 @@ def test_remat_gives_same_loss_and_grads():
     batch = {k: jnp.asarray(v) for k, v in _batch(docs, [0] * 8).items()}
     model, params = _init(SMALL)
     remat_model = Transformer(dataclasses.replace(SMALL, remat=True))
-    grad = lambda m: jax.jit(jax.value_and_grad(lambda p: st.loss_fn(p, m, batch, 5)[0]))(params)
+
+    def grad(m):
+        return jax.jit(jax.value_and_grad(lambda p: st.loss_fn(p, m, batch, 5)[0]))(params)
+
     (l1, g1), (l2, g2) = grad(model), grad(remat_model)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):

@@ -110,4 +110,4 @@ def test_online_controller_resumes_bit_exactly_in_a_swarm(tmp_path):
     # The online members' mixtures moved; the static member's did not.
     moving = [len({json.dumps(ref_log[s]["mixture_weights"][i]) for s in ref_log})
               for i in range(4)]
-    assert moving[1] == 1 and moving[0] > 2 and moving[2] > 2 and moving[3] > 2
+    assert moving[1] == 1 and min(moving[0], moving[2], moving[3]) >= 2

@@ -138,7 +138,7 @@ def test_cli_writes_json_and_plots(tmp_path):
   code = loss * (1.1 + 0.01 * rng.standard_normal(loss.size))
   rows = [(a, b, "ok", c, e) for a, b, c, e in zip(n, d, loss, code)]
   rows += [(1e8, 1e9, "failed", "nan", "nan"), (2e8, 1e9, "diverged", "", "")]
-  csv_path = write_csv(tmp_path / "results.csv", ["N", "D", "status", "loss", "loss/code"], rows)
+  write_csv(tmp_path / "results.csv", ["N", "D", "status", "loss", "loss/code"], rows)
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-m", "loam.scaling.fit", "--results", str(tmp_path), "--law", "chinchilla",

@@ -294,6 +294,7 @@ def test_register_tfds_source(tasks, tmp_path):
     span = tasks.get_dataset("loam.notes.span_corruption", 64, batch_size=2, split="train")
     batch = next(span.as_numpy_iterator())
     assert batch["prefix"].any() and batch["loss_weights"].any()
-    tasks.register_tfds_source("notes_bad", "loam_test_notes:2.0.0", data_dir=tmp_path, text_key="text")
+    tasks.register_tfds_source("notes_bad", "loam_test_notes:2.0.0", data_dir=tmp_path,
+                               text_key="text")
     with pytest.raises(ValueError, match="no text feature 'text'"):
         tasks.get_dataset("loam.notes_bad.causal", 64)

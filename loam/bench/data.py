@@ -13,6 +13,7 @@ Tokens are non-padding positions. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,11 +49,29 @@ def bench_stream(domains, weights, args) -> dict:
     return {"setup_s": setup, "seconds": secs, "tokens": tokens, "positions": positions}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """TensorFlow's C++ runtime prints CUDA-driver and oneDNN notices to the process's stderr
+    when it loads, on every CPU-only machine; they are not errors of this benchmark. Python's
+    own errors still surface: the descriptor is restored before any exception propagates."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def bench_seqio(domains, weights, args) -> dict:
     t0 = time.perf_counter()
-    import seqio  # noqa: PLC0415 — only this half of the benchmark needs seqio/TF
+    with _native_stderr_silenced():
+        import seqio  # noqa: PLC0415 — only this half of the benchmark needs seqio/TF
 
-    from loam.data import tasks  # noqa: PLC0415
+        from loam.data import tasks  # noqa: PLC0415
     mix = seqio.Mixture("loam.bench.causal", [(tasks.task_name(d, "causal"), float(weights[d]))
                                               for d in domains])
     ds = seqio.get_dataset(mix, task_feature_lengths={"targets": args.seq_len},

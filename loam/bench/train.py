@@ -54,6 +54,8 @@ def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.
 
 
 def bench_run(name: str, steps: int, peak: float) -> dict:
+    if steps < 1:  # the timings and tokens/s need at least one timed step
+        raise ValueError(f"bench_run needs steps >= 1 timed steps (after the warm-up), got {steps}")
     size, vocab, seq_len, batch_size, overrides = RUNS[name]
     cfg = sizes.get_size(size, vocab, max_len=seq_len, **overrides)
     model = Transformer(cfg)
@@ -72,12 +74,12 @@ def bench_run(name: str, steps: int, peak: float) -> dict:
 
     state, metrics = compiled(state, batch)  # warm-up (first execution allocates)
     first_loss = float(metrics["loss"])
-    ready, pending = [time.perf_counter()], None
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
-        if pending is not None:
-            pending["loss"].block_until_ready()
-            ready.append(time.perf_counter())
+    ready = [time.perf_counter()]
+    state, pending = compiled(state, batch)
+    for _ in range(steps - 1):
+        state, metrics = compiled(state, batch)  # queued before the previous step's loss is read
+        pending["loss"].block_until_ready()
+        ready.append(time.perf_counter())
         pending = metrics
     pending["loss"].block_until_ready()
     ready.append(time.perf_counter())
@@ -107,6 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per run (0: auto)")
     args = parser.parse_args(argv)
+    if args.steps < 0:
+        print(f"--steps must be >= 0 (0: auto), got {args.steps}", file=sys.stderr)
+        return 2
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:

@@ -83,6 +83,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     def one(x):
         if isinstance(x, nn.LogicallyPartitioned):
             spec = nn.logical_to_mesh_axes(x.names, LOGICAL_RULES)
+            if spec is None:  # flax returns None only for names=None: no axis names, replicate
+                return NamedSharding(mesh, P())
             return NamedSharding(mesh, _fit(spec, x.value.shape, mesh))
         return NamedSharding(mesh, P())
 

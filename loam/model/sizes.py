@@ -48,7 +48,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
     ``embedding`` is the token embedding plus, when untied, the output projection.
     """
-    d, h, kvh, k, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    d, h, kvh, k, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
     per_layer = 2 * d + d * h * k + 2 * d * kvh * k + h * k * d + 3 * d * f
     non_embedding = cfg.n_layers * per_layer + d  # + final norm
     embedding = cfg.vocab_size * d * (1 if cfg.tied_embeddings else 2)
@@ -65,7 +65,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, forward_only: bool = Fals
     one third of that: 2 (N + V d) + 4 L (H K) T.
     """
     n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
-    attn = cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    attn = cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
     forward = 2 * n + 4 * attn
     return float(forward if forward_only else 3 * forward)
 
@@ -76,6 +76,12 @@ def _default_mlp(d: int) -> int:
 
 def _head_dim(d: int) -> int:
     return 64 if d >= 256 else 32 if d >= 64 and d % 32 == 0 else 16
+
+
+def _non_embedding(d: int, n_layers: int, mlp: int) -> int:
+    """Non-embedding parameters of a multi-head shape (what count_params gives pick_size's
+    configs, with head_dim * n_heads = d)."""
+    return n_layers * (2 * d + 4 * d * d + 3 * d * mlp) + d
 
 
 def pick_size(target_non_embedding: float, vocab_size: int = 8192, *,
@@ -90,7 +96,9 @@ def pick_size(target_non_embedding: float, vocab_size: int = 8192, *,
     if target_non_embedding < 1e4:
         raise ValueError(f"target {target_non_embedding:g} is below the smallest useful model "
                          "(~1e4 non-embedding parameters)")
-    best = None
+    if not (aspect[0] > 0 and aspect[1] > 0):
+        raise ValueError(f"aspect (d_model / n_layers bounds) must be positive, got {aspect}")
+    best: tuple[tuple[float, float, float], int, int] | None = None
     for n_layers in range(1, 129):
         lo, hi = int(aspect[0] * n_layers / 4), int(aspect[1] * n_layers * 4)
         for d in range(max(16, lo - lo % 16), min(hi, 16384) + 1, 16):
@@ -98,15 +106,19 @@ def pick_size(target_non_embedding: float, vocab_size: int = 8192, *,
                 continue
             ratio = d / n_layers
             off_aspect = max(0.0, math.log(aspect[0] / ratio), math.log(ratio / aspect[1]))
-            def n(mlp):
-                return n_layers * (2 * d + 4 * d * d + 3 * d * mlp) + d
             # Distance the MLP width cannot close (to 1%), then aspect, then distance from the
             # default width.
-            reach = max(0.0, math.log(n(2 * d) / target_non_embedding),
-                        math.log(target_non_embedding / n(4 * d)))
-            score = (round(reach, 2), off_aspect, abs(math.log(n(_default_mlp(d)) / target_non_embedding)))
+            reach = max(0.0, math.log(_non_embedding(d, n_layers, 2 * d) / target_non_embedding),
+                        math.log(target_non_embedding / _non_embedding(d, n_layers, 4 * d)))
+            default_gap = abs(math.log(_non_embedding(d, n_layers, _default_mlp(d))
+                                       / target_non_embedding))
+            score = (round(reach, 2), off_aspect, default_gap)
             if best is None or score < best[0]:
                 best = (score, d, n_layers)
+    if best is None:
+        raise ValueError(f"aspect={aspect} leaves no shape to pick from: the search takes 1-128 "
+                         "layers and d_model in [aspect[0] * n_layers / 4, aspect[1] * n_layers "
+                         "* 4] within [16, 16384]; use bounds nearer the default (64.0, 128.0)")
     _, d, n_layers = best
     cfg = ModelConfig(vocab_size=vocab_size, d_model=d, n_layers=n_layers,
                       n_heads=d // _head_dim(d), mlp_dim=_default_mlp(d), max_len=max_len,

@@ -39,18 +39,28 @@ class ModelConfig:
     rope_theta: float = 10_000.0
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
-                                 f"{self.n_heads}; set head_dim explicitly or change n_heads")
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
+        # Resolve the None defaults in place, so the fields (and repr, equality, hash) hold the
+        # numbers the model uses; code that needs an int reads kv_heads / head_size.
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
+                             f"{self.n_heads}; set head_dim explicitly or change n_heads")
+        object.__setattr__(self, "n_kv_heads", self.kv_heads)
+        object.__setattr__(self, "head_dim", self.head_size)
+        if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
-                             f"{self.n_kv_heads} for grouped-query attention")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+                             f"{self.kv_heads} for grouped-query attention")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings")
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads with its default applied (typed int; the field is None until resolved)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """head_dim with its default applied (typed int; the field is None until resolved)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     @property
     def compute_dtype(self):
@@ -72,7 +82,10 @@ def project(x_NxI: Array, w: Array, dtype) -> Array:
 
 
 def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig) -> Array:
-    return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.weight_dtype)
+    # unbox=True is the default; passing it selects flax's overload that types the result as the
+    # unboxed array rather than the LogicallyPartitioned box the initialiser returns.
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.weight_dtype,
+                        unbox=True)
 
 
 def _fan_in_init(in_axis, out_axis):
@@ -122,7 +135,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array) -> Array:
         cfg = self.cfg
-        d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         g = h // kvh
         dt = cfg.compute_dtype
         wq_DxHxK = _param(self, "query", _fan_in_init(0, (1, 2)), (d, h, k),
@@ -213,7 +226,8 @@ class Transformer(nn.Module):
 
         embedding_VxD = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
                                (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
-        # Gather from the whole table (FSDP gathers weights anyway; a sharded gather reshards badly).
+        # Gather from the whole table (FSDP gathers weights anyway; a sharded gather reshards
+        # badly).
         table_VxD = constrain(embedding_VxD, (None, None))
         x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))

@@ -9,6 +9,7 @@ et al. 2020: lines ending in terminal punctuation), FineWeb (Penedo et al. 2024:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -65,9 +66,9 @@ def goodness(s: dict[str, float]) -> dict[str, float]:
     }
 
 
-def score_documents(texts) -> dict[str, np.ndarray]:
+def score_documents(texts: Iterable[str]) -> dict[str, np.ndarray]:
     """Columns for a list of documents: every raw signal plus the combined `quality`."""
-    cols = {k: [] for k in (*SIGNALS, "quality")}
+    cols: dict[str, list[float]] = {k: [] for k in (*SIGNALS, "quality")}
     for text in texts:
         s = signals(text)
         g = goodness(s)
