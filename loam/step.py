@@ -10,7 +10,7 @@ with every step so the loop can log loss per domain and mixing controllers can r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import flax
