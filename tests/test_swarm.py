@@ -132,3 +132,11 @@ def test_swarm_bad_input():
         sw.Swarm(config, MEMBERS[:1], member_loop="scan")
     with pytest.raises(ValueError, match="cannot be split"):
         sw.Swarm(config, MEMBERS[:3], mesh=mesh)
+
+
+def test_cpu_swarms_run_members_in_turn_inside_one_step():
+    """On CPU the measured-faster member loop (lax.map) is the default, so a swarm is never
+    slower than training its members one by one (loam.bench.swarm measures both)."""
+    assert jax.default_backend() == "cpu"
+    assert sw.default_member_loop() == "map"
+    assert sw.Swarm(small_config(), MEMBERS[:1], build_streams=False).member_loop == "map"

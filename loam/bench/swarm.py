@@ -122,7 +122,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--member_loop", choices=["vmap", "map"], default=None,
-                   help="how each device runs its members (default: vmap)")
+                   help="how each device runs its members (default: map on CPU, vmap on "
+                   "accelerators; see loam.mixing.swarm.default_member_loop)")
     a = p.parse_args(argv)
     print(json.dumps(run(a.k, a.size, a.seq_len, a.batch_size, a.steps,
                          member_loop=a.member_loop)), flush=True)
