@@ -322,6 +322,8 @@ def is_finished(workdir, run: Run) -> bool:
         _read_eval(_final_eval_path(workdir, run))
     except UnreadableFile:
         return False
+    if saved == json.loads(json.dumps(run.config)):
+        return True
     try:  # loam.train saves the resolved config (e.g. a warmup clamped to a short run)
         resolved, _ = run_lib.resolve_config(ml_collections.ConfigDict(run.config))
     except ValueError:

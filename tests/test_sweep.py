@@ -309,3 +309,26 @@ def test_lr_curriculum_grid_trains_through_the_sweep_and_summarises(tmp_path):
     assert all(json.loads(p.read_text())["steps"] == [9, 10, 11, 12] for p in averaged)
     assert "| moderate+avg |" in (work / "results.md").read_text()
     assert (work / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_saved_with_its_resolved_config_counts_as_finished(tmp_path):
+    """loam.train saves the resolved config (a warmup longer than a short run is clamped); the
+    sweep must recognise that run as its own, or every rerun would train it again."""
+    from loam import run as run_lib
+
+    base = default.get_config("size=nano,steps=3")  # warmup 30 > 3 steps: clamped to 0
+    sw = ml_collections.ConfigDict({"base": base, "axes": [{"seed": [0]}]})
+    (r,) = sweep.expand(sw)
+    d = sweep.materialise(tmp_path, r).parent
+    (d / "checkpoints" / "3").mkdir(parents=True)
+    (d / "eval").mkdir()
+    (d / "eval" / "step_3.json").write_text(json.dumps(
+        {"per_domain": {dom: {"loss": 3.0} for dom in r.config["data"]["domains"]}}))
+    resolved, notes = run_lib.resolve_config(ml_collections.ConfigDict(r.config))
+    assert notes and resolved.optim.warmup_steps == 0
+    (d / "config.json").write_text(resolved.to_json_best_effort())
+    assert sweep.is_finished(tmp_path, r)
+    other = ml_collections.ConfigDict(r.config)
+    other.seed = 5  # a different run's config is not mistaken for this one's
+    (d / "config.json").write_text(other.to_json_best_effort())
+    assert not sweep.is_finished(tmp_path, r)

@@ -142,3 +142,23 @@ def test_bad_config_fails_with_one_clear_message(tmp_path):
     proc = run_train(tmp_path, "--config.data.weights=bogus-recipe", check=False)
     assert proc.returncode != 0
     assert "bogus-recipe" in proc.stderr
+
+
+def test_parameters_only_load_on_any_device_count(reference_run):
+    """What a notebook calls: the parameters of a run trained on 8 devices, on 1 device, without
+    the optimizer state; equal to those of the full training-layout restore."""
+    import jax
+    import numpy as np
+
+    from loam import run as run_lib
+
+    params, run, step = run_lib.load_params(reference_run, devices=jax.devices()[:1])
+    assert step == 12 and run.mesh.devices.size == 1
+    leaves = jax.tree.leaves(params)
+    assert all(len(x.sharding.device_set) == 1 for x in leaves)
+    full = run_lib.open_run(reference_run)
+    state, _ = full.restore(12)
+    for a, b in zip(leaves, jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    run.close()
+    full.close()
