@@ -280,3 +280,18 @@ def test_average_cli_writes_a_checkpoint_eval_reads(curriculum_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "loam.average", f"--workdir={curriculum_run}",
                           "--last", "50"], env=env(1), capture_output=True, text=True)
     assert bad.returncode != 0 and "holds only" in bad.stderr
+
+
+def test_curriculum_config_keeps_four_checkpoints_inside_the_anneal_stage():
+    """The README averages the last 4 checkpoints of this config: they must exist and lie in
+    the annealing stage (the last 20% of training), whatever `steps` is."""
+    from loam.configs import curriculum as curriculum_config
+    from loam.data.curriculum import lr_phases
+
+    for steps in (300, 1000, 2000):
+        c = curriculum_config.get_config(f"steps={steps}")
+        saves = [s for s in range(1, steps + 1) if s % c.checkpoint_every == 0 or s == steps]
+        kept = saves[-c.keep_checkpoints:]
+        assert len(kept) >= 4
+        anneal = lr_phases(c)["decay"]
+        assert all(s > anneal for s in kept[-4:]), (steps, kept, anneal)

@@ -27,6 +27,6 @@ def get_config(arg: str | None = None):
     c.data.interpolate = False
     # Four checkpoints inside the annealing stage (the last 20%), for checkpoint averaging:
     # python -m loam.average --workdir DIR --last 4
-    c.checkpoint_every = max(1, c.steps // 15)
+    c.checkpoint_every = max(1, c.steps // 20)
     c.keep_checkpoints = 4
     return c
