@@ -10,7 +10,6 @@ steps and runs are comparable. Results go to DIR/eval/step_N.json, eval.jsonl an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import heldout, objectives, tokenized
 from loam.model import sharding
+from loam.workdir import write_json
 
 LN2 = math.log(2.0)
 
@@ -106,7 +106,7 @@ class Evaluator:
             writer.flush()
             out = Path(out_dir or writer.workdir / "eval")
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"step_{step}.json").write_text(json.dumps(record, indent=2))
+            write_json(out / f"step_{step}.json", record, indent=2)  # never left half-written
         return record
 
 
