@@ -119,6 +119,10 @@ def test_swarm_resume_is_exact(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="different swarm"):
         sw.train_swarm(config, members[:2], resumed, verbose=False)
+    # The member loop is part of the swarm: kept on resume, a different one refused.
+    assert json.loads((resumed / "swarm.json").read_text())["member_loop"] == "vmap"
+    with pytest.raises(ValueError, match="member_loop='vmap'"):
+        sw.train_swarm(config, members, resumed, verbose=False, member_loop="map")
 
 
 def test_swarm_bad_input():

@@ -41,6 +41,7 @@ from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import corpora, heldout, objectives
 from loam.model import sharding
+from loam.workdir import read_json, write_json
 
 MEMBER_AXIS = "data"  # mesh axis the member dimension is sharded over
 _COMPILED: dict = {}  # compiled steps shared by swarms of equal signature
@@ -339,16 +340,25 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
     spec = {"members": [m.to_json() for m in members],
             "config": json.loads(config.to_json_best_effort())}
     spec_path = workdir / "swarm.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+    saved = read_json(spec_path) if spec_path.exists() else None
+    # The member loop is part of what a swarm computed (map and vmap differ in the last float
+    # bits), so a resume keeps the loop the swarm started with, on any backend.
+    saved_loop = saved.pop("member_loop", None) if saved is not None else None
+    if saved is not None and saved != json.loads(json.dumps(spec)):
         raise ValueError(f"{workdir} holds a different swarm (swarm.json differs: other members "
                          "or config); use a new workdir or restore the original settings")
-    spec_path.write_text(json.dumps(spec, indent=1))
+    if member_loop and saved_loop and member_loop != saved_loop:
+        raise ValueError(f"{workdir} was trained with member_loop={saved_loop!r}; resuming it "
+                         f"with {member_loop!r} would not reproduce it exactly. Pass "
+                         f"member_loop={saved_loop!r} or use a new workdir")
+    member_loop = member_loop or saved_loop or default_member_loop()
+    write_json(spec_path, dict(spec, member_loop=member_loop), indent=1)
     done = workdir / "results.json"
     if done.exists():  # finished earlier with this very spec: nothing left to do
         if verbose:
             print(f"swarm in {workdir} already finished; results read from {done.name}",
                   flush=True)
-        return json.loads(done.read_text())
+        return read_json(done)
 
     swarm = Swarm(config, members, mesh=mesh, member_loop=member_loop)
     state = swarm.init()
@@ -439,5 +449,5 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                                    "diverged_at": int(diverged_at[i]),
                                    "train_loss": float(last_loss[i]),
                                    "eval_loss": eval_i, "finite": finite})
-    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(workdir / "results.json", results, indent=1)  # never left half-written
     return results
