@@ -117,6 +117,11 @@ def train(config, workdir: str | Path) -> dict | None:
     preemption = Preemption()
     try:
         config, notes = run_lib.resolve_config(config)
+        if "://" in str(workdir):  # Path("gs://b/run") would silently become ./gs:/b/run
+            raise TrainingError(
+                f"--workdir {workdir}: object-store run directories are not supported yet (the "
+                "lock, metrics and config files are written with local file operations); use a "
+                "local path or a mounted bucket (e.g. gcsfuse), the same path on every host")
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         with workdir_lock(workdir):
