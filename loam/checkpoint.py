@@ -88,6 +88,13 @@ class _BackgroundSaveErrors(logging.Filter):
 logging.getLogger("absl").addFilter(_BackgroundSaveErrors())
 
 
+def _everywhere(ok: bool) -> bool:
+    """True if `ok` holds on every process of a multi-process run (no communication on one)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 def _is_disk_full(e: BaseException | None) -> bool:
     return e is not None and ((isinstance(e, OSError) and e.errno == errno.ENOSPC)
                               or "No space left on device" in str(e))
@@ -281,14 +288,20 @@ class Checkpointer:
             if max_step is not None and step > max_step:
                 continue
             try:
-                return self._restore(step, abstract_state)
+                restored, why = self._restore(step, abstract_state), ""
             except _Damaged as e:
-                dest = self._move_aside(step)
-                moved.append(step)
-                log.info("checkpoint %d in %s is damaged (%s); moved to %s", step,
-                         self.directory, e, dest)
-                print(f"WARNING: checkpoint {step} is corrupt or incomplete ({e}); moved it to "
-                      f"{dest} and falling back to the previous one", flush=True)
+                restored, why = None, str(e)
+            # Each host reads only its own shards, so a read error may show on one host alone:
+            # the hosts agree before any of them moves the checkpoint aside or trains from it.
+            if _everywhere(not why):
+                return restored
+            why = why or "damaged as another process read it"
+            dest = self._move_aside(step)
+            moved.append(step)
+            log.info("checkpoint %d in %s is damaged (%s); moved to %s", step, self.directory,
+                     why, dest)
+            print(f"WARNING: checkpoint {step} is corrupt or incomplete ({why}); moved it to "
+                  f"{dest} and falling back to the previous one", flush=True)
         damaged = self.directory / DAMAGED_DIR
         if moved or (not self.steps() and damaged.is_dir() and any(damaged.iterdir())):
             what = (f"every checkpoint in {self.directory} is damaged (steps {moved} moved to "

@@ -125,30 +125,26 @@ def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
                      all_steps: bool = False) -> list[dict]:
     """Evaluates checkpoints of a run directory (default: the newest)."""
     run = run_lib.open_run(workdir)
-    available = run.steps()
-    if not available:
-        run.close()
-        raise FileNotFoundError(f"no checkpoints in {run.workdir / 'checkpoints'}")
-    if all_steps:
-        wanted = available
-    elif steps:
-        missing = sorted(set(steps) - set(available))
+    try:
+        available = run.steps()
+        if not available:
+            raise FileNotFoundError(f"no checkpoints in {run.workdir / 'checkpoints'}")
+        missing = sorted(set(steps or ()) - set(available))
         if missing:
             raise ValueError(f"no checkpoint for step(s) {missing}; available: {available}")
-        wanted = steps
-    else:
-        wanted = [available[-1]]
-    evaluator = Evaluator(run.model, run.mesh, run.config)
-    writer = metrics_lib.MetricWriter(run.workdir, "eval", jsonl="eval.jsonl",
-                                      enabled=jax.process_index() == 0)
-    records = []
-    try:
-        for s in wanted:
-            params = run.checkpointer.restore_params(s, run.abstract.params)
-            records.append(evaluator.run(params, s, writer))
-            print(format_table(records[-1]), flush=True)
+        wanted = available if all_steps else (steps or [available[-1]])
+        evaluator = Evaluator(run.model, run.mesh, run.config)
+        writer = metrics_lib.MetricWriter(run.workdir, "eval", jsonl="eval.jsonl",
+                                          enabled=jax.process_index() == 0)
+        records = []
+        try:
+            for s in wanted:
+                params = run.checkpointer.restore_params(s, run.abstract.params)
+                records.append(evaluator.run(params, s, writer))
+                print(format_table(records[-1]), flush=True)
+        finally:
+            writer.close()
     finally:
-        writer.close()
         run.close()
     return records
 

@@ -101,11 +101,17 @@ def _get(config, dotted: str):
     return node.to_dict() if hasattr(node, "to_dict") else node
 
 
+# Fields added to the config after runs were made with it: a saved config without one meant this.
+ADDED_LATER = {"mixing": {"method": "static"}}
+
+
 def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str | None:
     """The first field that differs between a run's saved config and a resuming one, as a
     message, or None when the new config can continue the run."""
     for field in RESUME_FIELDS:
         a, b = _get(saved, field), _get(new, field)
+        if a is None:
+            a = ADDED_LATER.get(field)
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             return (f"{field} was {a!r} in the run being resumed but this config gives {b!r}; "
                     "a run can only continue with the model, data and seed it started with. "

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 
 from loam import checkpoint as ckpt_lib
 from loam import cli, perf
@@ -274,7 +273,6 @@ def _define_flags(flags):
 
 
 def _run(config, flags) -> None:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
     if flags.coordinator:
         jax.distributed.initialize(flags.coordinator, flags.num_processes, flags.process_id)
     elif flags.distributed:

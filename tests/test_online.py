@@ -52,9 +52,6 @@ def test_online_controller_resumes_bit_exactly_on_one_device(tmp_path):
     assert sorted(want) == list(range(1, 17))
     weights = [tuple(want[s]["mixture_weights"].values()) for s in sorted(want)]
     assert len(set(weights)) > 2, "the controller never moved the mixture"
-    argmax_loss = [max(want[s]["loss_per_domain"], key=want[s]["loss_per_domain"].get)
-                   for s in sorted(want)]
-    assert len(set(argmax_loss)) >= 1
     ckpt_meta = json.loads(next((ref / "checkpoints" / "10").rglob("meta/metadata")).read_text())
     assert len(ckpt_meta["data"]["weights_log"]) == 10  # the log travels with the position
 

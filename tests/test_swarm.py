@@ -129,6 +129,10 @@ def test_swarm_bad_input():
     config = small_config()
     with pytest.raises(ValueError, match="at least one member"):
         sw.Swarm(config, [])
+    staged = small_config()
+    staged.data.stages = [{"start": 0, "weights": "uniform"}]
+    with pytest.raises(ValueError, match="ignore config.data.stages"):
+        sw.Swarm(staged, MEMBERS[:1])
     with pytest.raises(ValueError, match="not in the mixture's domains"):
         sw.Swarm(config, [sw.Member({"poetry": 1.0})])
     mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])

@@ -44,15 +44,10 @@ def _target_config(config, weights: dict, seed: int = 0):
 
 
 def _baseline_weights(name: str, domains, sizes) -> np.ndarray:
-    kind, _, arg = name.partition(":")
-    if kind == "uniform":
-        return recipes.uniform(len(domains))
-    if kind == "proportional":
-        return recipes.proportional(sizes)
-    if kind == "temperature":
-        return recipes.temperature(sizes, float(arg or 1.0))
-    raise regmix.MixSearchError(f"unknown baseline {name!r}; use uniform, proportional or "
-                                "temperature:T")
+    try:
+        return recipes.recipe_weights(name, domains, sizes=sizes)
+    except ValueError as e:
+        raise regmix.MixSearchError(f"baseline {name!r}: {e}") from None
 
 
 def _swarm_chunks(n: int, size: int):

@@ -128,6 +128,10 @@ class Swarm:
         members = list(members)
         if not members:
             raise ValueError("a swarm needs at least one member")
+        if config.data.get("stages"):
+            raise ValueError("swarm members set their own weights (Member.weights) and would "
+                             "ignore config.data.stages; clear the stages, or give members an "
+                             "online source with Member(mixing=...)")
         if config.optim.accum_steps != 1:
             raise ValueError("swarms do not accumulate gradients; set optim.accum_steps=1 and "
                              "lower data.batch_size instead")
@@ -289,7 +293,7 @@ class Swarm:
                 tokens = float(sum(b["loss_weights"].sum() for b in batches))
                 sets.append((d, batches, tokens))
             self._eval_sets = sets
-        return sets
+        return self._eval_sets
 
     def evaluate(self, params, domains: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Validation loss of every member on every domain: {domain: [K] losses}."""
@@ -343,7 +347,11 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
     saved = read_json(spec_path) if spec_path.exists() else None
     # The member loop is part of what a swarm computed (map and vmap differ in the last float
     # bits), so a resume keeps the loop the swarm started with, on any backend.
-    saved_loop = saved.pop("member_loop", None) if saved is not None else None
+    saved_loop = None
+    if saved is not None:  # swarms made before these fields existed: their meaning then
+        saved_loop = saved.pop("member_loop", "vmap")
+        for field, value in run_lib.ADDED_LATER.items():
+            saved.get("config", {}).setdefault(field, value)
     if saved is not None and saved != json.loads(json.dumps(spec)):
         raise ValueError(f"{workdir} holds a different swarm (swarm.json differs: other members "
                          "or config); use a new workdir or restore the original settings")

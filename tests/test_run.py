@@ -1,0 +1,53 @@
+"""The builders' config checks (loam.run): what a run may change on resume, and what a config
+must satisfy before anything is written."""
+
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+from loam import run as run_lib
+from loam.configs import default
+
+
+def test_resume_mismatch_names_the_field_and_allows_the_future_to_change():
+    saved = default.get_config()
+    new = default.get_config()
+    new.steps, new.eval_every, new.mesh.fsdp = 600, 50, 2  # longer run, other cadence and mesh
+    assert run_lib.resume_mismatch(saved, new) is None
+    new.model.size = "mini"
+    problem = run_lib.resume_mismatch(saved, new)
+    assert problem.startswith("model.size was 'tiny'") and "new workdir" in problem
+    other = default.get_config()
+    other.mixing.method = "greedy_loss"
+    assert run_lib.resume_mismatch(saved, other).startswith("mixing was")
+
+
+def test_a_config_saved_before_mixing_existed_resumes_as_static():
+    new = default.get_config()
+    old = ml_collections.ConfigDict(new.to_dict())
+    del old["mixing"]
+    assert run_lib.resume_mismatch(old, new) is None
+    new.mixing.method = "greedy_loss"
+    assert run_lib.resume_mismatch(old, new).startswith("mixing was {'method': 'static'}")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("steps", 0, "steps=0"), ("log_every", 0, "log_every=0"),
+    ("optim.lr", float("nan"), "optim.lr=nan"), ("optim.lr", 0.0, "optim.lr=0.0 must be positive"),
+    ("optim.accum_steps", 3, "divide data.batch_size=16"),
+])
+def test_resolve_config_refuses_what_cannot_run(field, value, match):
+    c = default.get_config()
+    node, _, key = field.rpartition(".")
+    (c[node] if node else c)[key] = value
+    with pytest.raises(run_lib.ConfigError, match=match):
+        run_lib.resolve_config(c)
+
+
+def test_resolve_config_clamps_a_warmup_longer_than_the_run_and_copies():
+    c = default.get_config("steps=20")
+    resolved, notes = run_lib.resolve_config(c)
+    assert resolved.optim.warmup_steps == 2 and c.optim.warmup_steps == 30
+    assert len(notes) == 1 and "warmup_steps=30 exceeds steps=20" in notes[0]
+    assert run_lib.resolve_config(default.get_config())[1] == []
