@@ -15,7 +15,6 @@ fetched.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -33,28 +32,11 @@ from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import curriculum
 from loam.model import sharding, sizes
-from loam.workdir import workdir_lock
+from loam.workdir import save_config, workdir_lock
 
 
 class TrainingError(cli.UserError):
     """Stops a run with a message for the user; the exit code is non-zero."""
-
-
-def _save_config(config, workdir: Path):
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    path = workdir / "config.json"
-    if path.exists():
-        try:
-            same = json.loads(path.read_text()) == json.loads(text)
-        except json.JSONDecodeError:
-            same = False
-        if same:
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path.rename(workdir / f"config.{stamp}.json")  # keep the history of edited configs
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _check_schedule_edit(saved, stream, start: int) -> dict | None:
@@ -154,7 +136,7 @@ def _train(config, workdir: Path, notes: list, preemption: Preemption) -> dict |
             print(f"resumed from checkpoint at step {start}", flush=True)
         # Everything is validated: only now does the run directory change.
         if is_main:
-            _save_config(config, workdir)
+            save_config(workdir, config)
         return _loop(config, workdir, model, mesh, stream, state, shardings, optimizer,
                      checkpointer, start, schedule_change, hook_state, preemption)
     finally:

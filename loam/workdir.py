@@ -63,6 +63,27 @@ def write_json(path: str | Path, value, **dumps) -> Path:
     return path
 
 
+def save_config(workdir: str | Path, config) -> Path:
+    """Writes `workdir/config.json` (a ConfigDict) atomically. A different config already there
+    is kept as `config.<time>.json` (never overwritten: a counter is added within one second),
+    so the history of a run's edited configs survives."""
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    new = json.loads(config.to_json_best_effort())
+    if path.exists():
+        try:
+            if read_json(path) == new:
+                return path
+        except UnreadableFile:
+            pass
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        keep, n = workdir / f"config.{stamp}.json", 1
+        while keep.exists():
+            keep, n = workdir / f"config.{stamp}.{n}.json", n + 1
+        path.rename(keep)
+    return write_json(path, new, indent=2, sort_keys=True)
+
+
 def _command() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)

@@ -51,3 +51,20 @@ def test_resolve_config_clamps_a_warmup_longer_than_the_run_and_copies():
     assert resolved.optim.warmup_steps == 2 and c.optim.warmup_steps == 30
     assert len(notes) == 1 and "warmup_steps=30 exceeds steps=20" in notes[0]
     assert run_lib.resolve_config(default.get_config())[1] == []
+
+
+def test_save_config_keeps_every_edited_config(tmp_path):
+    """An edited config moves the previous one aside, never over an older copy, even within
+    one second; an unchanged config writes nothing."""
+    import json
+
+    from loam.workdir import save_config
+
+    configs = [default.get_config(f"steps={s}") for s in (10, 20, 30)]
+    for c in configs:
+        save_config(tmp_path, c)
+    save_config(tmp_path, configs[-1])  # unchanged: no new copy
+    copies = sorted(tmp_path.glob("config.*.json"))
+    assert len(copies) == 2
+    assert sorted(json.loads(p.read_text())["steps"] for p in copies) == [10, 20]
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 30

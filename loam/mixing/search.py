@@ -28,7 +28,7 @@ from loam.data import recipes
 from loam.mixing import laws as laws_lib
 from loam.mixing import regmix
 from loam.mixing import swarm as swarm_lib
-from loam.workdir import UnreadableFile, read_json, workdir_lock, write_json
+from loam.workdir import UnreadableFile, read_json, save_config, workdir_lock, write_json
 
 
 def _target_config(config, weights: dict, seed: int = 0):
@@ -319,20 +319,6 @@ def check_config(config) -> None:
                                     "(0: propose only)")
 
 
-def _save_config(config, workdir: Path) -> None:
-    """config.json of the search; an edited config keeps the previous one as a dated copy."""
-    path = workdir / "config.json"
-    new = json.loads(config.to_json_best_effort())
-    if path.exists():
-        try:
-            if read_json(path) == new:
-                return
-        except UnreadableFile:
-            pass
-        path.rename(workdir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.json")
-    write_json(path, new, indent=2, sort_keys=True)
-
-
 def run(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +344,7 @@ def _run(config, workdir: Path) -> dict:
     sizes = recipes.domain_sizes(domains, config.proxy.data.dir or None)
 
     R, upper = sample(config, workdir, domains, sizes)  # refuses other mixtures than saved
-    _save_config(config, workdir)
+    save_config(workdir, config)
     rows = train_proxies(config, workdir, R, domains, eval_domains)
     report = fit_and_propose(config, workdir, rows, domains, sizes, upper)
     write_proposals(config, workdir, report)
