@@ -109,10 +109,13 @@ def average_checkpoints(workdir, last: int, weights=None, out=None) -> Path:
             print(f"{out} already holds this average (steps {chosen}, weights {weights}); "
                   "nothing to do", flush=True)
             return out
-        states, metas = zip(*(run.checkpointer.restore(s, run.abstract) for s in chosen))
-        params = average_params([s.params for s in states], weights)
-        state = states[-1].replace(params=params)
-        meta = dict(metas[-1], averaged_steps=chosen, averaging_weights=weights)
+        # Parameters alone for the older checkpoints; the newest whole (its optimizer state and
+        # data position go with the average, so it resumes like any checkpoint).
+        older = [run.checkpointer.restore_params(s, run.abstract.params) for s in chosen[:-1]]
+        newest, newest_meta = run.checkpointer.restore(chosen[-1], run.abstract)
+        params = average_params([*older, newest.params], weights)
+        state = newest.replace(params=params)
+        meta = dict(newest_meta, averaged_steps=chosen, averaging_weights=weights)
         meta.pop("fingerprint", None)
         _write(out, workdir, state, meta, chosen[-1], record, replace=earlier is not None)
     finally:
