@@ -176,10 +176,6 @@ class OnMesh:
             return self.jitted(*args)
 
 
-def _with_mesh(fn: Any, mesh: Mesh) -> OnMesh:
-    return OnMesh(fn, mesh)
-
-
 def update(state: TrainState, batch: Batch, *, model: nn.Module,
            optimizer: optax.GradientTransformation, num_domains: int, z_loss: float = 0.0,
            accum_steps: int = 1, mesh: Mesh | None = None, alive: jax.Array | None = None
@@ -239,7 +235,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                      in_shardings=(state_shardings, shd.batch_sharding(mesh)),
                      out_shardings=(state_shardings, shd.replicated(mesh)),
                      donate_argnums=0)
-    return _with_mesh(jitted, mesh)
+    return OnMesh(jitted, mesh)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, num_domains: int,
@@ -251,7 +247,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, num_domains: int,
 
     jitted = jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
                      out_shardings=shd.replicated(mesh))
-    return _with_mesh(jitted, mesh)
+    return OnMesh(jitted, mesh)
 
 
 def _boxed_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
