@@ -136,7 +136,7 @@ def _items(mapping: Any) -> list[tuple[Any, Any]]:
     keys() and to_dict() would sort)."""
     fields = getattr(mapping, "_fields", None)
     if isinstance(fields, Mapping):
-        return list(fields.items())
+        return [(k, mapping[k]) for k in fields]  # mapping[k] resolves FieldReferences
     return list(mapping.items())
 
 
@@ -263,6 +263,14 @@ def _validation_source(source: Source) -> Source | None:
     return val
 
 
+def _field(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping) or hasattr(obj, "to_dict"):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
 def default_sources() -> dict[str, Source]:
     """The five bundled corpora, in the order of `loam.data.corpora.DOMAIN_NAMES`."""
     return {name: parse(name, f"bundled:{name}") for name in corpora.DOMAIN_NAMES}
@@ -274,13 +282,9 @@ def from_config(config: Any) -> dict[str, Source]:
     order of `loam.data.corpora.DOMAIN_NAMES`, so configs written before sources existed keep
     their meaning. A non-empty ``config.data.dir`` is the ``data_dir`` of every bundled source
     that does not set its own."""
-    data = getattr(config, "data", None)
-    raw = None
-    if data is not None:
-        raw = data.get("sources") if hasattr(data, "get") else getattr(data, "sources", None)
-    data_dir = ""
-    if data is not None:
-        data_dir = (data.get("dir") if hasattr(data, "get") else getattr(data, "dir", "")) or ""
+    data = _field(config, "data")
+    raw = _field(data, "sources")
+    data_dir = _field(data, "dir") or ""
     if not raw:
         items: list[tuple[Any, Any]] = [(n, f"bundled:{n}") for n in corpora.DOMAIN_NAMES]
     elif isinstance(raw, Mapping) or hasattr(raw, "to_dict"):
