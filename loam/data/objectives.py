@@ -7,6 +7,9 @@ document ends) into an Example for a decoder-only model:
   ``loss_mask``  bool  [m]  which positions of ``tokens`` are predicted
   ``prefix_len`` int        leading tokens in the bidirectional prefix (0 for causal LM)
 
+Special ids (EOS, the sentinels, UL2's mode tokens) come from the run's tokenizer: build an
+objective with ``get_objective(name, tokenizer)``; without one, the bundled vocabulary's ids.
+
 Randomness comes only from the ``seed`` the caller passes (the mixture stream derives it from the
 example's place in the stream), so an example is reproducible anywhere. Output lengths are
 deterministic functions of the chunk length (and, for UL2, of the seed through the denoiser it
@@ -20,9 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loam.data.vocab import EOS_ID, MODE_TOKENS, NUM_SENTINELS, sentinel_id
+from loam.data.corpora import CorpusError
+from loam.data.vocab import EOS_ID, MODE_TOKENS, NUM_SENTINELS, Tokenizer, sentinel_id
 
-# The vocabulary reserves ids 3, 4, 5 for the mode tokens (checked when it is trained).
+# The bundled vocabulary reserves ids 3, 4, 5 for the mode tokens (checked when it is trained).
 MODE_IDS = {t: 3 + i for i, t in enumerate(MODE_TOKENS)}
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -62,6 +66,30 @@ def _rng(seed) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=int(seed)))
 
 
+# ----------------------------------------------------------------------------- special ids
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The ids an objective writes itself: EOS, <extra_id_0> (sentinel i is ``sentinel0 - i``)
+    and the mode tokens a tokenizer has. `BUNDLED`: the bundled vocabulary's."""
+    eos_id: int
+    sentinel0: int
+    mode_ids: tuple[tuple[str, int], ...]
+    tokenizer: str = "bundled"
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer | None) -> SpecialIds:
+        if tokenizer is None:
+            return BUNDLED
+        return cls(int(tokenizer.eos_id), int(tokenizer.sentinel_id(0)),
+                   tuple(sorted((t, int(i)) for t, i in tokenizer.mode_ids.items())),
+                   tokenizer.spec)
+
+
+BUNDLED = SpecialIds(EOS_ID, sentinel_id(0), tuple(sorted(MODE_IDS.items())))
+
+
 # ----------------------------------------------------------------------------- examples
 
 
@@ -93,9 +121,11 @@ def example_features(example: dict) -> dict:
 
 
 class Objective:
-    """Base: subclasses define ``apply`` and ``output_len`` (or ``output_lens``)."""
+    """Base: subclasses define ``apply`` and ``output_len`` (or ``output_lens``).
+    ``special``: the tokenizer ids it writes (`SpecialIds`)."""
 
     name = "objective"
+    special: SpecialIds = BUNDLED
 
     def output_len(self, n: int) -> int:
         raise NotImplementedError
@@ -126,14 +156,21 @@ class Objective:
     def apply(self, tokens: np.ndarray, seed: int) -> dict:
         raise NotImplementedError
 
+    def _tokenizer_repr(self) -> str:
+        spec = self.special.tokenizer
+        return "" if spec == "bundled" else f"tokenizer={spec!r}"
+
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}({self._tokenizer_repr()})"
 
 
 class CausalLM(Objective):
     """Next-token prediction on every position."""
 
     name = "causal"
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.special = SpecialIds.of(tokenizer)
 
     def output_len(self, n):
         return n
@@ -160,6 +197,9 @@ class PrefixLM(Objective):
     """Prefix LM: a random split point; loss only after it (seqio's prefix_lm objective)."""
 
     name = "prefix_lm"
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.special = SpecialIds.of(tokenizer)
 
     def output_len(self, n):
         return n
@@ -198,20 +238,21 @@ def random_spans_noise_mask(n: int, noise_density: float, mean_span: float, rng)
     return np.repeat(np.tile([False, True], num_spans), lengths)
 
 
-def _span_corrupt(tokens, noise_density, mean_span, rng, lead: Sequence[int] = ()) -> dict:
+def _span_corrupt(tokens, noise_density, mean_span, rng, lead: Sequence[int] = (),
+                  special: SpecialIds = BUNDLED) -> dict:
     """inputs = [lead] text with each noise span replaced by its sentinel;
     targets = sentinel_i span_i ... EOS. Loss only on targets."""
     tokens = np.asarray(tokens, np.int32)
     noise = random_spans_noise_mask(tokens.shape[0], noise_density, mean_span, rng)
     starts = noise & ~np.concatenate([[False], noise[:-1]])
     span_index = np.cumsum(starts) - 1
-    sentinels = (sentinel_id(0) - span_index).astype(np.int32)  # sentinel_id(i) = top - i
+    sentinels = (special.sentinel0 - span_index).astype(np.int32)  # sentinel i = top - i
     # inputs: keep non-noise tokens; each span's first token becomes its sentinel.
     inp = np.where(starts, sentinels, tokens)[~noise | starts]
     # targets: each span's sentinel followed by the span's tokens, then EOS.
     tgt = np.insert(tokens[noise], np.flatnonzero(starts[noise]), sentinels[starts])
     lead_ids = np.asarray(lead, np.int32)
-    out = np.concatenate([lead_ids, inp, tgt, [EOS_ID]]).astype(np.int32)
+    out = np.concatenate([lead_ids, inp, tgt, [special.eos_id]]).astype(np.int32)
     prefix_len = lead_ids.shape[0] + inp.shape[0]
     return _example(out, np.arange(out.shape[0]) >= prefix_len, prefix_len)
 
@@ -226,11 +267,13 @@ class SpanCorruption(Objective):
 
     name = "span_corruption"
 
-    def __init__(self, noise_density: float = 0.15, mean_span: float = 3.0):
+    def __init__(self, noise_density: float = 0.15, mean_span: float = 3.0,
+                 tokenizer: Tokenizer | None = None):
         if not 0 < noise_density < 1 or mean_span < 1:
             raise ValueError(f"span corruption needs 0 < noise_density < 1 and mean_span >= 1, "
                              f"got {noise_density}, {mean_span}")
         self.noise_density, self.mean_span = noise_density, mean_span
+        self.special = SpecialIds.of(tokenizer)
 
     def output_len(self, n):
         return _span_output_len(n, self.noise_density, self.mean_span)
@@ -240,10 +283,13 @@ class SpanCorruption(Objective):
         return self.output_len(n) if spans <= NUM_SENTINELS else np.inf
 
     def apply(self, tokens, seed):
-        return _span_corrupt(tokens, self.noise_density, self.mean_span, _rng(seed))
+        return _span_corrupt(tokens, self.noise_density, self.mean_span, _rng(seed),
+                             special=self.special)
 
     def __repr__(self):
-        return f"SpanCorruption(noise_density={self.noise_density}, mean_span={self.mean_span})"
+        extra = self._tokenizer_repr()
+        return (f"SpanCorruption(noise_density={self.noise_density}, mean_span={self.mean_span}"
+                f"{', ' + extra if extra else ''})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,13 +320,15 @@ class UL2(Objective):
     """Mixture of denoisers; each example starts with its mode token inside the prefix.
 
     ``weights`` is either one weight per denoiser or a dict over modes {"R", "X", "S"} (split
-    evenly among that mode's denoisers). Default: all seven denoisers equally likely.
+    evenly among that mode's denoisers). Default: all seven denoisers equally likely. The mode
+    tokens are the tokenizer's (``mode_ids`` overrides them); a tokenizer without the mode
+    tokens of the denoisers that have weight is refused.
     """
 
     name = "ul2"
 
     def __init__(self, weights=None, denoisers: Sequence[Denoiser] = UL2_DENOISERS,
-                 mode_ids: dict | None = None):
+                 mode_ids: dict | None = None, tokenizer: Tokenizer | None = None):
         self.denoisers = tuple(denoisers)
         for d in self.denoisers:
             if d.mode not in UL2_MODE_TOKENS:
@@ -307,8 +355,21 @@ class UL2(Objective):
         self.weights = w / w.sum()
         self._cum = np.cumsum(self.weights)
         self._cum[-1] = 1.0
-        mode_ids = mode_ids or MODE_IDS
-        self.mode_token_ids = {m: mode_ids[t] for m, t in UL2_MODE_TOKENS.items()}
+        self.special = SpecialIds.of(tokenizer)
+        if mode_ids is None:
+            mode_ids = dict(self.special.mode_ids)
+        needed = sorted({d.mode for d, w in zip(self.denoisers, self.weights) if w > 0},
+                        key="RXS".index)
+        missing = [UL2_MODE_TOKENS[m] for m in needed if UL2_MODE_TOKENS[m] not in mode_ids]
+        if missing:
+            raise CorpusError(
+                f"the UL2 objective needs the mode token(s) {' '.join(missing)} as single ids, "
+                f"which tokenizer {self.special.tokenizer} lacks; use a tokenizer that has "
+                "them (`python -m loam.data.vocab --config FILE --out PATH` trains one; a "
+                "tokenizers file needs them as added tokens) or another objective "
+                "(span_corruption, prefix_lm, causal)")
+        self.mode_token_ids = {m: int(mode_ids[t]) for m, t in UL2_MODE_TOKENS.items()
+                               if t in mode_ids}
 
     def denoiser_index(self, seeds) -> np.ndarray:
         """Which denoiser each seed selects (vectorised, a pure function of the seed)."""
@@ -351,19 +412,30 @@ class UL2(Objective):
         tokens = np.asarray(tokens, np.int32)
         if d.mode == "S":
             return _prefix_lm(tokens, rng, lead)
-        return _span_corrupt(tokens, d.noise_density, d.mean_span, rng, lead)
+        return _span_corrupt(tokens, d.noise_density, d.mean_span, rng, lead, self.special)
 
     def __repr__(self):
-        return f"UL2(weights={np.round(self.weights, 4).tolist()})"
+        extra = self._tokenizer_repr()
+        return f"UL2(weights={np.round(self.weights, 4).tolist()}{', ' + extra if extra else ''})"
 
 
 OBJECTIVES = {"causal": CausalLM, "prefix_lm": PrefixLM, "span_corruption": SpanCorruption,
               "ul2": UL2}
 
 
-def get_objective(name: str, **kwargs) -> Objective:
+def get_objective(name: str | Objective, tokenizer: Tokenizer | None = None,
+                  **kwargs) -> Objective:
+    """The objective `name` (a key of OBJECTIVES) writing `tokenizer`'s special ids (default:
+    the bundled vocabulary's); keyword arguments go to its constructor. An Objective is given
+    back as it is, if its special ids are the tokenizer's."""
     if isinstance(name, Objective):
+        if tokenizer is not None and name.special != SpecialIds.of(tokenizer):
+            raise ValueError(f"objective {name!r} was built for tokenizer "
+                             f"{name.special.tokenizer}, not {tokenizer.spec}; build it with "
+                             "get_objective(name, tokenizer)")
         return name
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
     return OBJECTIVES[name](**kwargs)
