@@ -20,7 +20,8 @@ from loam import cli
 from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
-from loam.data import heldout, objectives, tokenized
+from loam.data import heldout
+from loam.data.stream import BLOCK_TOKENS
 from loam.model import sharding
 from loam.workdir import write_json
 
@@ -31,18 +32,19 @@ class EvalSet:
     """One domain's fixed held-out batches, the bytes of text they cover, and a unigram baseline."""
 
     def __init__(self, domain: str, config, vocab_size: int):
-        objective = objectives.get_objective(config.data.objective)
+        objective = run_lib.build_objective(config)
         self.domain = domain
         self.batches, self.bytes = heldout.eval_batches(
             domain, objective, config.data.seq_len, config.eval_batch_size, config.eval_tokens,
-            data_dir=config.data.dir or None)
+            catalog=run_lib.build_catalog(config))
         self.tokens = float(sum(b["loss_weights"].sum() for b in self.batches))
         self.unigram_loss = self._unigram(domain, config, vocab_size)
 
     def _unigram(self, domain, config, vocab_size) -> float:
         """Cross-entropy of an add-½ unigram model fitted on the domain's training tokens."""
-        corpus = tokenized.TokenizedCorpus(domain, data_dir=config.data.dir or None)
-        counts = np.bincount(corpus.split("train").tokens, minlength=vocab_size) + 0.5
+        counts = np.full(vocab_size, 0.5)
+        for block in run_lib.build_catalog(config).blocks(domain, "train", BLOCK_TOKENS):
+            counts += np.bincount(block.tokens, minlength=vocab_size)
         logp = np.log(counts / counts.sum())
         total = sum(float(-(logp[b["targets"]] * b["loss_weights"]).sum()) for b in self.batches)
         return total / max(self.tokens, 1.0)
@@ -58,7 +60,7 @@ class Evaluator:
     def __init__(self, model, mesh, config, stream=None):
         self.config = config
         self.mesh = mesh
-        self.domains = list(config.data.domains)
+        self.domains = run_lib.mixture_domains(config)
         self.eval_step = step_lib.make_eval_step(model, mesh, run_lib.num_domains(config))
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._sets = None

@@ -17,7 +17,9 @@ from jax.sharding import Mesh
 
 from loam import checkpoint as ckpt_lib
 from loam import step as step_lib
-from loam.data import corpora, objectives
+from loam.data import catalog as catalog_lib
+from loam.data import objectives
+from loam.data import sources as sources_lib
 from loam.data import stream as stream_lib
 from loam.data import vocab as vocab_lib
 from loam.data import weights as weights_lib
@@ -39,7 +41,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
     A warmup longer than the run is clamped (to a tenth of the steps) rather than refused: a
     shorter run is the first thing a user tries.
     """
-    c = ml_collections.ConfigDict(config.to_dict())
+    c = copy_config(config)
     notes = []
     steps = int(c.steps)
     if steps < 1:
@@ -69,7 +71,55 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
     if int(o.accum_steps) < 1 or int(c.data.batch_size) % int(o.accum_steps):
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
+    _resolve_data(c)
     return c, notes
+
+
+def _resolve_data(c: ml_collections.ConfigDict) -> None:
+    """Sources parsed and checked (not read), and ``data.domains`` (the domains the mixture
+    trains on, in order) defaulting to every source. ``data.sources`` becomes a list of
+    [domain, spec] pairs: its order is the order of the domain ids, and a list keeps it through
+    every copy and JSON file (mappings get their keys sorted)."""
+    raw = c.data.get("sources") or catalog_lib.default_specs()
+    if isinstance(raw, list | tuple):
+        items = [(p[0], p[1]) for p in raw]
+    else:
+        items = [(k, v.to_dict() if hasattr(v, "to_dict") else v)
+                 for k, v in sources_lib.ordered_items(raw)]
+    with c.unlocked():
+        if "sources" in c.data:
+            del c.data["sources"]
+        c.data.sources = [[k, v] for k, v in items]
+        if not c.data.get("tokenizer"):
+            c.data.tokenizer = "bundled"
+    try:
+        catalog = catalog_lib.for_config(c)
+    except ValueError as e:
+        raise ConfigError(f"config.data.sources: {e}") from None
+    domains = list(c.data.get("domains") or catalog.names)
+    for d in domains:
+        try:
+            catalog.check(d)
+        except ValueError as e:
+            raise ConfigError(f"config.data.domains: {e}") from None
+    c.data.domains = domains
+    for name in domains:
+        source = catalog.source(name)
+        if source.kind == "seqio":
+            from loam.data.sources import seqio as seqio_source  # noqa: PLC0415 - TensorFlow
+
+            wanted = seqio_source.required_objective(source)
+            if wanted and wanted != c.data.objective:
+                raise ConfigError(
+                    f"domain {name!r} is the seqio task {source.target!r}, whose objective is "
+                    f"{wanted!r}, but config.data.objective is {c.data.objective!r}: set "
+                    f"--config.data.objective={wanted}, or name the task's causal variant")
+
+
+def copy_config(config) -> ml_collections.ConfigDict:
+    """A deep copy that keeps the order in which mappings were written (``to_dict`` sorts keys;
+    the order of ``data.sources`` is the order of the domain ids)."""
+    return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -88,8 +138,8 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 # Fields a resumed run must share with the run it continues; anything else (steps, future
 # curriculum stages, eval cadence, the mesh) may change.
 RESUME_FIELDS = ("seed", "model.size", *(f"model.{k}" for k in SHAPE_FIELDS),
-                 "model.tied_embeddings", "data.domains", "data.objective", "data.seq_len",
-                 "data.batch_size", "data.dir", "mixing")
+                 "model.tied_embeddings", "data.sources", "data.tokenizer", "data.domains",
+                 "data.objective", "data.seq_len", "data.batch_size", "data.dir", "mixing")
 
 
 def _get(config, dotted: str):
@@ -102,7 +152,9 @@ def _get(config, dotted: str):
 
 
 # Fields added to the config after runs were made with it: a saved config without one meant this.
-ADDED_LATER = {"mixing": {"method": "static"}}
+ADDED_LATER = {"mixing": {"method": "static"},
+               "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
+               "data.tokenizer": "bundled"}
 
 
 def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str | None:
@@ -121,8 +173,11 @@ def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.Config
 
 # --------------------------------------------------------------------------- builders
 
-def model_config(config, vocab_size: int = vocab_lib.VOCAB_SIZE) -> ModelConfig:
-    """The named size, with any nonzero explicit shape field replacing the size's."""
+def model_config(config, vocab_size: int | None = None) -> ModelConfig:
+    """The named size, with any nonzero explicit shape field replacing the size's; the
+    vocabulary is the run's tokenizer's."""
+    if vocab_size is None:
+        vocab_size = vocab_lib.get_tokenizer(config.data.get("tokenizer") or "bundled").vocab_size
     cfg = sizes.get_size(config.model.size, vocab_size)
     shape: dict[str, Any] = {k: int(config.model.get(k, 0) or 0) for k in SHAPE_FIELDS}
     shape = {k: v for k, v in shape.items() if v > 0}
@@ -159,20 +214,33 @@ def build_mesh(config, devices=None) -> Mesh:
 
 
 def num_domains(config) -> int:
-    """Length of the per-domain loss vectors of the compiled step (batches carry global ids)."""
-    del config
-    return len(corpora.DOMAIN_NAMES)
+    """Length of the per-domain loss vectors of the compiled step: one per source (batches
+    carry the source's position as their domain id)."""
+    return len(build_catalog(config))
+
+
+mixture_domains = catalog_lib.mixture_domains
+
+
+def build_catalog(config) -> catalog_lib.Catalog:
+    """The run's sources, tokenizer and prepared data."""
+    return catalog_lib.for_config(config)
+
+
+def build_objective(config):
+    return objectives.get_objective(config.data.objective, build_catalog(config).tokenizer)
 
 
 def build_stream(config, process_index: int = 0,
                  process_count: int = 1) -> stream_lib.MixtureStream:
     return stream_lib.MixtureStream(
-        domains=list(config.data.domains),
-        objective=objectives.get_objective(config.data.objective),
+        domains=catalog_lib.mixture_domains(config),
+        objective=build_objective(config),
         weights=weights_lib.source_from_config(config), seq_len=config.data.seq_len,
         batch_size=config.data.batch_size, seed=config.seed,
         data_dir=config.data.dir or None, scores_dir=config.data.get("scores_dir") or None,
-        process_index=process_index, process_count=process_count)
+        process_index=process_index, process_count=process_count,
+        catalog=build_catalog(config))
 
 
 def build_train_step(config, model, optimizer, mesh, state_shardings):

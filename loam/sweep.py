@@ -59,7 +59,7 @@ import numpy as np
 
 from loam import cli
 from loam import run as run_lib
-from loam.data.vocab import VOCAB_SIZE
+from loam.data import vocab as vocab_lib
 from loam.model import sizes
 from loam.scaling import fit as fit_lib
 from loam.workdir import UnreadableFile, read_json
@@ -198,7 +198,8 @@ def resolve(base: dict, values: dict, warmup_fraction: float = 0.0) -> dict:
     if "params" in values:
         target = float(values["params"])
         try:
-            shape = sizes.pick_size(target, VOCAB_SIZE, max_len=config["data"]["seq_len"])
+            vocab = vocab_lib.get_tokenizer(config["data"].get("tokenizer") or "bundled")
+            shape = sizes.pick_size(target, vocab.vocab_size, max_len=config["data"]["seq_len"])
         except ValueError as e:
             raise SweepError(f"params={target:g}: {e}") from None
         config["model"].update(d_model=shape.d_model, n_layers=shape.n_layers,

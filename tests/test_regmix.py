@@ -119,9 +119,10 @@ def test_bad_input_and_non_finite_proxies(tmp_path):
     with pytest.raises(regmix.MixSearchError, match="unknown regressor 'svm'"):
         regmix.make_regressor("svm")
     with pytest.raises(regmix.MixSearchError, match="unknown target 'poetry'"):
-        regmix.target_domains("poetry", DOMAINS)
+        regmix.target_domains("poetry", DOMAINS, known=DOMAINS)
     assert regmix.target_domains("mean", DOMAINS[:3]) == DOMAINS[:3]
-    assert regmix.target_domains("code", DOMAINS[:2]) == ["code"]  # held out of the mixture
+    # A target held out of the mixture:
+    assert regmix.target_domains("code", DOMAINS[:2], known=DOMAINS) == ["code"]
     with pytest.raises(regmix.MixSearchError, match="no eval loss for \\['code'\\]"):
         regmix.target_values([{"docs": 1.0}], "code", DOMAINS)
     from loam.configs import default

@@ -36,7 +36,7 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
     config = default.get_config(f"size={size},steps=1000,seq_len={seq_len},"
                                 f"batch_size={batch_size}")
     rng = np.random.default_rng(seed)
-    domains = list(config.data.domains)
+    domains = run_lib.mixture_domains(config)
     members = [sw.Member(dict(zip(domains, rng.dirichlet(np.ones(len(domains))).tolist())),
                          seed=i) for i in range(k)]
     swarm = sw.Swarm(config, members, member_loop=member_loop)

@@ -65,13 +65,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.domains = list(DOMAIN_NAMES)
+    # Domain name -> source, in the order of the domain ids: "bundled:NAME", "jsonl:GLOB",
+    # "parquet:GLOB", "text:GLOB", "tfds:NAME[:VERSION]", "hf:PATH", "seqio:TASK", or a dict
+    # {"source": ..., options} (loam/data/sources/). Default: the five bundled corpora.
+    c.data.sources = {name: f"bundled:{name}" for name in DOMAIN_NAMES}
+    # The tokenizer: "bundled", a SentencePiece model file or a Hugging Face tokenizer.json.
+    c.data.tokenizer = "bundled"
+    # Where prepared token shards live; empty: $LOAM_CACHE_DIR/prepared or ~/.cache/loam/prepared.
+    c.data.prepared_dir = ""
+    c.data.domains = []  # the domains the mixture trains on, in order; empty: every source
     c.data.objective = "causal"
     # Per-domain weights, or a recipe: "proportional", "uniform", "temperature:T".
     c.data.weights = "uniform"
     c.data.seq_len = a.seq_len
     c.data.batch_size = a.batch_size
-    c.data.dir = ""  # empty: $LOAM_DATA_DIR or the bundled corpora
+    c.data.dir = ""  # where bundled: sources are read; empty: $LOAM_DATA_DIR or the repository
     c.data.scores_dir = ""  # score columns (loam.selection.score); empty: next to the corpora
     # Curriculum stages (see loam/data/curriculum.py); empty: `weights` for the whole run.
     c.data.stages = []

@@ -16,7 +16,7 @@ summary step.
 import ml_collections
 
 from loam.configs import default
-from loam.data import tokenized
+from loam.data import catalog as catalog_lib
 
 LR = {  # schedule, final LR as a fraction of the peak
     "constant": ("constant", 1.0),
@@ -29,15 +29,15 @@ ORDERS = ("random", "asc")
 def _subsets(c) -> dict[str, float]:
     """Per domain, the fraction of documents a run reads about once (5% slack, so the ordered
     stream ends at its best documents rather than wrapping round to its worst)."""
-    per_domain = c.steps * c.data.batch_size * c.data.seq_len / len(c.data.domains)
-    return {d: min(1.0, 1.05 * per_domain / tokenized.load(d).train.num_tokens)
-            for d in c.data.domains}
+    catalog, domains = catalog_lib.for_config(c), catalog_lib.mixture_domains(c)
+    per_domain = c.steps * c.data.batch_size * c.data.seq_len / len(domains)
+    return {d: min(1.0, 1.05 * per_domain / catalog.num_tokens(d)) for d in domains}
 
 
 def stages(c, order: str) -> list[dict]:
     """The single curriculum stage of a run reading the documents in `order` (its name)."""
     keep = {d: f"random:0.0:{f:.4f}" for d, f in _subsets(c).items()}
-    by = {d: "quality:asc" for d in c.data.domains} if order == "asc" else {}
+    by = {d: "quality:asc" for d in catalog_lib.mixture_domains(c)} if order == "asc" else {}
     return [dict(name=order, start=0, weights="uniform", keep=keep, order=by)]
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from loam.data import catalog as catalog_lib
 from loam.data import recipes
 from loam.data.schedules import Schedule
 from loam.data.views import DEFAULT_VIEW, View
@@ -171,7 +172,7 @@ def stages_from_config(config) -> StagedWeights:
     """The stages of `config.data.stages` (at least one), validated."""
     data = config.data
     stages_cfg = data.get("stages") or []
-    domains = list(data.domains)
+    domains = catalog_lib.mixture_domains(config)
     if not stages_cfg:
         raise CurriculumError("config.data.stages is empty; give at least one stage")
     stages = []

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from loam.data import objectives as obj_lib
-from loam.data import tokenized
+from loam.data.shards import Split
 
 PACK_WINDOW = 16  # open rows the packer may still fill
+_BLOCK_KEY = 0xB10C  # separates the seed keys of blocks from those of whole domains
 
 
 def first_fit(lengths: np.ndarray, capacity: int, window: int = PACK_WINDOW) -> np.ndarray:
@@ -60,11 +61,12 @@ class Packing:
 
 
 class DomainData:
-    """A domain split cut into chunks that the objective can turn into rows of seq_len."""
+    """A domain split (or one block of it) cut into chunks that the objective can turn into rows
+    of seq_len. ``domain_id`` is the domain's position in the run's sources."""
 
-    def __init__(self, name: str, split: tokenized.Split, max_len: int):
+    def __init__(self, name: str, split: Split, max_len: int, domain_id: int):
         self.name = name
-        self.domain_id = tokenized.domain_id(name)
+        self.domain_id = int(domain_id)
         self.split = split
         self.tokens = split.tokens
         lengths = split.lengths
@@ -78,14 +80,19 @@ class DomainData:
         self.num_chunks = int(doc.shape[0])
 
     def pack(self, objective, seq_len: int, seed: int, epoch: int, shuffle: bool = True,
-             chunks: np.ndarray | None = None) -> Packing:
+             chunks: np.ndarray | None = None, block: int | None = None) -> Packing:
+        """One pass over the chunks. ``block``: this data is block ``block`` of a domain cut
+        into several (its shuffle and corruption seeds are then keyed on it too); None: the
+        whole domain (or its only block)."""
         ids = np.arange(self.num_chunks)
-        seeds = obj_lib.derive_seeds(seed, self.domain_id, epoch, ids)
+        keys = (seed, self.domain_id, epoch) if block is None else (
+            seed, self.domain_id, epoch, _BLOCK_KEY, block)
+        seeds = obj_lib.derive_seeds(*keys, ids)
         out_len = objective.output_lens(self.chunk_len, seeds)
         if chunks is not None:
             order = chunks
         elif shuffle:
-            key = int(obj_lib.derive_seeds(seed, self.domain_id, epoch))
+            key = int(obj_lib.derive_seeds(*keys))
             order = np.random.Generator(np.random.Philox(key=key)).permutation(self.num_chunks)
         else:
             order = ids

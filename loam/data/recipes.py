@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from loam.data import corpora, tokenized
+from loam.data import catalog as catalog_lib
 
 
 def _as_array(sizes) -> tuple[list | None, np.ndarray]:
@@ -127,10 +127,10 @@ def validate_weights(weights, domains: Sequence[str]) -> np.ndarray:
     return w / w.sum()
 
 
-def domain_sizes(domains: Sequence[str], data_dir=None) -> np.ndarray:
-    """Training tokens of each domain (tokenizing on first use)."""
-    return np.array([tokenized.load(corpora.resolve_domain(d), data_dir).train.num_tokens
-                     for d in domains], np.float64)
+def domain_sizes(domains: Sequence[str], data_dir=None, catalog=None) -> np.ndarray:
+    """Training tokens of each domain (preparing it on first use)."""
+    catalog = catalog or catalog_lib.default(data_dir)
+    return np.array([catalog.num_tokens(d, "train") for d in domains], np.float64)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -160,7 +160,8 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_weights(recipe: str, domains: Sequence[str], sizes=None,
-                   budget_tokens: float | None = None, data_dir=None) -> np.ndarray:
+                   budget_tokens: float | None = None, data_dir=None,
+                   catalog=None) -> np.ndarray:
     """The weights (an array in the order of ``domains``) of a recipe string such as "uniform",
     "proportional", "temperature:2" or "unimax:4". ``sizes`` (training tokens per domain) are
     read from the corpora when a recipe needs them and none are given; ``budget_tokens`` is the
@@ -172,7 +173,8 @@ def recipe_weights(recipe: str, domains: Sequence[str], sizes=None,
     r = RECIPES[name]
     domains = list(domains)
     if r.needs_sizes:
-        sizes = domain_sizes(domains, data_dir) if sizes is None else np.asarray(sizes, float)
+        sizes = (domain_sizes(domains, data_dir, catalog) if sizes is None
+                 else np.asarray(sizes, float))
         if sizes.shape != (len(domains),):
             raise ValueError(f"got {sizes.size} domain sizes for {len(domains)} domains")
     try:
@@ -187,9 +189,10 @@ def config_weights(config, weights=None, domains: Sequence[str] | None = None) -
     ``config.data.domains``). ``weights`` (default ``config.data.weights``) is a dict, a list or
     a recipe string; a recipe's token budget is the run's, steps * batch_size * seq_len."""
     data = config.data
-    domains = list(data.domains if domains is None else domains)
+    domains = list(catalog_lib.mixture_domains(config) if domains is None else domains)
     w = data.weights if weights is None else weights
     if isinstance(w, str):
         budget = int(config.steps) * int(data.batch_size) * int(data.seq_len)
-        return recipe_weights(w, domains, budget_tokens=budget, data_dir=data.get("dir") or None)
+        return recipe_weights(w, domains, budget_tokens=budget,
+                              catalog=catalog_lib.for_config(config))
     return validate_weights(w, domains)

@@ -21,10 +21,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from loam.data import corpora, tokenized, views
+from loam.data import catalog as catalog_lib
 from loam.data import objectives as obj_lib
+from loam.data import views
 from loam.data import weights as weights_lib
 from loam.data.packing import DomainData, Packing, assemble
+
+# Tokens per block: a domain's training split is shuffled and packed a block of whole documents
+# at a time (the bundled domains are one block each).
+BLOCK_TOKENS = 1 << 24
+_BLOCKS_SALT = 0xB0C5  # seed key of the per-epoch order of a domain's blocks
 
 
 def allocate_rows(deficit: Sequence[float], rows: int) -> list[int]:
@@ -54,15 +60,15 @@ class MixtureStream:
 
     def __init__(self, domains: Sequence[str], objective, weights, seq_len: int,
                  batch_size: int, seed: int, data_dir=None, process_index: int = 0,
-                 process_count: int = 1, pack_cache: int = 3, scores_dir=None):
+                 process_count: int = 1, pack_cache: int = 3, scores_dir=None,
+                 catalog: catalog_lib.Catalog | None = None, block_tokens: int = BLOCK_TOKENS):
         self.names = list(domains)
         if not self.names:
             raise ValueError("the mixture has no domains; list at least one task or domain")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"domains {self.names} list a name twice; list each once")
-        self.domain_names = [corpora.resolve_domain(d) for d in self.names]
-        if len(set(self.domain_names)) != len(self.domain_names):
-            raise ValueError(f"tasks {self.names} name the same domain twice; list each once")
+        self.catalog = catalog or catalog_lib.default(data_dir)
+        self.domain_names = [self.catalog.check(d) for d in self.names]
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -70,7 +76,7 @@ class MixtureStream:
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} "
                              "processes; make the global batch a multiple of the process count")
-        self.objective = obj_lib.get_objective(objective)
+        self.objective = obj_lib.get_objective(objective, self.catalog.tokenizer)
         self.source = weights_lib.as_source(weights, self.names)
         self.log = weights_lib.WeightsLog(self.source, self.names)
         # The source's index of each stream domain (None: the source does not name it).
@@ -80,21 +86,51 @@ class MixtureStream:
         self.process_index, self.process_count = process_index, process_count
         self.data_dir, self.scores_dir = data_dir, scores_dir or data_dir
         self.max_input_len = self.objective.max_input_len(self.seq_len)
-        self.data = [DomainData(d, tokenized.load(d, data_dir).train, self.max_input_len)
-                     for d in self.domain_names]
-        self.domain_ids = np.array([dd.domain_id for dd in self.data], np.int32)
+        self.domain_ids = np.array([self.catalog.domain_id(d) for d in self.domain_names],
+                                   np.int32)
+        # Each domain's training split as memory-mapped blocks of whole documents: packing,
+        # shuffling and memory work a block at a time, so they do not grow with the corpus.
+        self._blocks = [self.catalog.blocks(d, "train", block_tokens) for d in self.domain_names]
+        self._block_data: collections.OrderedDict = collections.OrderedDict()
+        self.num_tokens = [int(self.catalog.num_tokens(d, "train")) for d in self.domain_names]
+        self.fingerprints = self.catalog.fingerprints(self.domain_names)
         self.weights_at(0)  # validate now, not at the first batch
         self._reset_allocation()
-        # Per domain and view: rows and tokens of each packed epoch so far (small), packings (LRU).
-        self._epoch_rows: dict = {}
-        self._epoch_tokens: dict = {}
+        # Per domain and view: the segments (epoch, block) consumed so far in order, with their
+        # rows and tokens (small); packings (LRU).
+        self._segments: dict = {}
+        self._seg_rows: dict = {}
+        self._seg_tokens: dict = {}
         self._view_base: dict = {}
-        for k in range(len(self.data)):  # columns and quantile ranges are checked now, not mid-run
+        for k in range(len(self.names)):  # columns and quantile ranges are checked now, not mid-run
             for v in self._sources(k):
                 if v is not None:
                     self._view_chunks(k, v, 0)
         self._packings: collections.OrderedDict = collections.OrderedDict()
-        self._pack_cache = max(1, pack_cache) * len(self.data)
+        self._pack_cache = max(1, pack_cache) * len(self.names)
+
+    def domain_data(self, k: int, block: int | None = None) -> DomainData:
+        """Domain k's chunks: of one block, or of the whole split (None; what views use)."""
+        blocks = self._blocks[k]
+        if block is None and len(blocks) == 1:
+            block = 0
+        key = (k, block)
+        if key in self._block_data:
+            self._block_data.move_to_end(key)
+            return self._block_data[key]
+        split = (self.catalog.split(self.domain_names[k], "train") if block is None
+                 else blocks[block])
+        dd = DomainData(self.domain_names[k], split, self.max_input_len, int(self.domain_ids[k]))
+        self._block_data[key] = dd
+        if len(self._block_data) > 2 * len(self.names) + 2:
+            self._block_data.popitem(last=False)
+        return dd
+
+    @property
+    def data(self) -> list[DomainData]:
+        """Every domain's whole training split as one DomainData (loads each domain's chunk
+        table: for inspection and tests, not used by batches of a multi-block domain)."""
+        return [self.domain_data(k) for k in range(len(self.names))]
 
     # -- weights and the data position (integers only, no data touched)
 
@@ -113,9 +149,9 @@ class MixtureStream:
 
     def _reset_allocation(self) -> None:
         # Memoised allocation: _consumed[t] = rows per domain consumed before step t.
-        self._consumed = np.zeros((1024, len(self.data)), np.int64)
+        self._consumed = np.zeros((1024, len(self.names)), np.int64)
         self._num_alloc = 1
-        self._target = [0.0] * len(self.data)  # B * sum of weights over the allocated steps
+        self._target = [0.0] * len(self.names)  # B * sum of weights over the allocated steps
 
     def rows_consumed(self, step: int) -> np.ndarray:
         """Rows each domain has contributed before ``step`` (global batch)."""
@@ -128,7 +164,7 @@ class MixtureStream:
 
     def _extend_allocation(self, step: int) -> None:
         if step >= self._consumed.shape[0]:
-            grown = np.zeros((max(2 * self._consumed.shape[0], step + 1), len(self.data)),
+            grown = np.zeros((max(2 * self._consumed.shape[0], step + 1), len(self.names)),
                              np.int64)
             grown[:self._num_alloc] = self._consumed[:self._num_alloc]
             self._consumed = grown
@@ -151,12 +187,21 @@ class MixtureStream:
         holds the weights log, the source's state and the observations not yet handed to it."""
         return {"step": int(step), "rows_consumed": self.rows_consumed(step).tolist(),
                 "domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size,
-                **self.log.state_dict(step)}
+                "fingerprints": dict(self.fingerprints), **self.log.state_dict(step)}
 
     def check_state(self, state: Mapping) -> None:
         """Raises ValueError if a saved data position disagrees with this stream's config. With
         an adaptive source the rows consumed are checked by ``load_state``, once the saved log
         is in place."""
+        saved = state.get("fingerprints") or {}
+        changed = [d for d in self.names if d in saved and saved[d] != self.fingerprints[d]]
+        if changed:
+            raise ValueError(
+                f"the data of domain(s) {changed} changed since step {state['step']} was saved "
+                "(their source files, source options or tokenizer differ from the run's): "
+                "resuming would train on other documents than the run's. Restore the original "
+                "files (with their modification times, as `cp -p` does), or train into a new "
+                "workdir")
         mine = {"domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size}
         if not self.log.adaptive or self.log.length >= int(state["step"]):
             mine["rows_consumed"] = self.rows_consumed(int(state["step"])).tolist()
@@ -213,8 +258,8 @@ class MixtureStream:
 
     def _view_chunks(self, k: int, v, epoch: int) -> np.ndarray:
         """Chunk order of one epoch of a view: sorted by its column, or a seeded shuffle of the
-        kept chunks."""
-        dd = self.data[k]
+        kept chunks. A view reads the domain's whole split (its chunk table is in memory)."""
+        dd = self.domain_data(k)
         base = self._view_base.get((k, v))
         if base is None:
             base = self._view_base[(k, v)] = views.select_chunks(
@@ -225,34 +270,57 @@ class MixtureStream:
         key = int(obj_lib.derive_seeds(self.seed, dd.domain_id, epoch, salt))
         return base[np.random.Generator(np.random.Philox(key=key)).permutation(base.shape[0])]
 
-    def packing(self, k: int, epoch: int, v=None) -> Packing:
-        key = (k, v, epoch)
+    def _block_order(self, k: int, epoch: int) -> np.ndarray:
+        n = len(self._blocks[k])
+        if n == 1:
+            return np.zeros(1, np.int64)
+        key = int(obj_lib.derive_seeds(self.seed, int(self.domain_ids[k]), epoch, _BLOCKS_SALT))
+        return np.random.Generator(np.random.Philox(key=key)).permutation(n)
+
+    def _segment(self, k: int, i: int, v=None) -> tuple[int, int | None]:
+        """The i-th packed segment domain k's view v is read from: (epoch, block). The default
+        view goes through every block of an epoch (in a seeded order) before the next epoch; a
+        view reads its whole split once per epoch (block None)."""
+        if v is not None:
+            return i, None
+        n = len(self._blocks[k])
+        epoch, pos = divmod(i, n)
+        return epoch, (None if n == 1 else int(self._block_order(k, epoch)[pos]))
+
+    def packing(self, k: int, epoch: int, v=None, block: int | None = None) -> Packing:
+        key = (k, v, epoch, block)
         if key in self._packings:
             self._packings.move_to_end(key)
             return self._packings[key]
         chunks = None if v is None else self._view_chunks(k, v, epoch)
-        p = self.data[k].pack(self.objective, self.seq_len, self.seed, epoch, chunks=chunks)
+        p = self.domain_data(k, block).pack(self.objective, self.seq_len, self.seed, epoch,
+                                            chunks=chunks, block=block)
         self._packings[key] = p
         if len(self._packings) > self._pack_cache:
             self._packings.popitem(last=False)
         return p
 
-    def _ensure_epochs(self, k: int, rows: int, v=None) -> None:
-        """Pack epochs of domain k's view v until they hold at least ``rows`` rows."""
-        er = self._epoch_rows.setdefault((k, v), [])
-        et = self._epoch_tokens.setdefault((k, v), [])
-        while sum(er) < rows:
-            p = self.packing(k, len(er), v)
-            er.append(p.num_rows)
-            et.append(int(p.row_tokens.sum()))
+    def _ensure_segments(self, k: int, rows: int, v=None) -> None:
+        """Pack segments of domain k's view v until they hold at least ``rows`` rows."""
+        segs = self._segments.setdefault((k, v), [])
+        sr = self._seg_rows.setdefault((k, v), [])
+        st = self._seg_tokens.setdefault((k, v), [])
+        total = sum(sr)
+        while total < rows:
+            seg = self._segment(k, len(segs), v)
+            p = self.packing(k, seg[0], v, seg[1])
+            segs.append(seg)
+            sr.append(p.num_rows)
+            st.append(int(p.row_tokens.sum()))
+            total += p.num_rows
 
-    def _locate(self, k: int, row: int, v=None) -> tuple[int, int]:
-        """(epoch, row within the epoch) of a row index of domain k's view v."""
-        self._ensure_epochs(k, row + 1, v)
-        er = self._epoch_rows[(k, v)]
-        ends = np.cumsum(er)
-        epoch = int(np.searchsorted(ends, row, side="right"))
-        return epoch, row - int(ends[epoch] - er[epoch])
+    def _locate(self, k: int, row: int, v=None) -> tuple[int, tuple[int, int | None], int]:
+        """(segment number, (epoch, block), row within it) of a row index of domain k's view v."""
+        self._ensure_segments(k, row + 1, v)
+        sr = self._seg_rows[(k, v)]
+        ends = np.cumsum(sr)
+        i = int(np.searchsorted(ends, row, side="right"))
+        return i, self._segments[(k, v)][i], row - int(ends[i] - sr[i])
 
     # -- batches
 
@@ -264,9 +332,10 @@ class MixtureStream:
             k = int(np.searchsorted(starts + counts, i, side="right"))
             v = self._view(step, k)
             before = self._source_rows_before(step, k, v)
-            epoch, r = self._locate(k, int(before + i - starts[k]), v)
-            p = self.packing(k, epoch, v)
-            specs.append((self.data[k], p.order[p.row_ptr[r]:p.row_ptr[r + 1]], p.seeds))
+            _, (epoch, block), r = self._locate(k, int(before + i - starts[k]), v)
+            p = self.packing(k, epoch, v, block)
+            specs.append((self.domain_data(k, block), p.order[p.row_ptr[r]:p.row_ptr[r + 1]],
+                          p.seeds))
         return specs
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -292,17 +361,17 @@ class MixtureStream:
         rows, tokens (non-padding positions), epochs (tokens over the domain's training tokens)
         and the padding fraction."""
         rows = self.rows_consumed(step)
-        tokens = np.zeros(len(self.data), np.int64)
-        for k in range(len(self.data)):
+        tokens = np.zeros(len(self.names), np.int64)
+        for k in range(len(self.names)):
             for v in self._sources(k):
                 n = self._source_rows_before(step, k, v)
                 if n == 0:
                     continue
-                epoch, r = self._locate(k, n - 1, v)
-                p = self.packing(k, epoch, v)
-                tokens[k] += (sum(self._epoch_tokens[(k, v)][:epoch])
+                i, (epoch, block), r = self._locate(k, n - 1, v)
+                p = self.packing(k, epoch, v, block)
+                tokens[k] += (sum(self._seg_tokens[(k, v)][:i])
                               + int(p.row_tokens[:r + 1].sum()))
-        epochs = tokens / np.array([max(dd.split.num_tokens, 1) for dd in self.data])
+        epochs = tokens / np.array([max(n, 1) for n in self.num_tokens])
         total = int(rows.sum()) * self.seq_len
         return {"domains": list(self.names), "rows": rows.tolist(), "tokens": tokens.tolist(),
                 "epochs": epochs.tolist(),
@@ -310,6 +379,9 @@ class MixtureStream:
 
     def epoch_stats(self, k: int = 0, epoch: int = 0) -> dict:
         """Rows, tokens and padding fraction of one packed epoch of domain k."""
-        p = self.packing(k, epoch)
-        return {"rows": p.num_rows, "tokens": int(p.row_tokens.sum()),
-                "padding_fraction": float(1.0 - p.row_tokens.sum() / (p.num_rows * self.seq_len))}
+        packs = [self.packing(k, epoch, None, None if len(self._blocks[k]) == 1 else b)
+                 for b in range(len(self._blocks[k]))]
+        rows = sum(p.num_rows for p in packs)
+        tokens = sum(int(p.row_tokens.sum()) for p in packs)
+        return {"rows": rows, "tokens": tokens,
+                "padding_fraction": float(1.0 - tokens / (rows * self.seq_len))}

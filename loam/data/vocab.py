@@ -206,7 +206,15 @@ def _read_model(spec: _Spec) -> bytes:
 
 
 def _fingerprint(spec: _Spec, data: bytes) -> str:
-    h = hashlib.sha256(f"{spec.kind}\n".encode())
+    """The kind, the library's version (a release may segment a text differently), the model
+    file's bytes and the options."""
+    if spec.kind == "sentencepiece":
+        library = f"sentencepiece {spm.__version__}"
+    else:
+        import tokenizers  # noqa: PLC0415 - imported only for Hugging Face tokenizers
+
+        library = f"tokenizers {tokenizers.__version__}"
+    h = hashlib.sha256(f"{spec.kind}\n{library}\n".encode())
     h.update(data)
     if spec.options:
         h.update(("\n" + json.dumps(spec.options)).encode())

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from loam.data import catalog as catalog_lib
 from loam.data import curriculum, recipes
 from loam.data.schedules import CallableWeights, ConstantWeights, Schedule, WeightSource, constant
 
@@ -47,7 +48,7 @@ def source_from_config(config) -> WeightSource:
     ``make_source(config, domains)`` builds it."""
     mixing = config.get("mixing") or {}
     method = str(mixing.get("method", "static") or "static")
-    domains = list(config.data.domains)
+    domains = catalog_lib.mixture_domains(config)
     if method != "static":
         name = method if "." in method else f"loam.mixing.online.{method}"
         try:

@@ -17,8 +17,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from loam.data.corpora import DOMAIN_NAMES
-
 
 class MixSearchError(ValueError):
     """A mixture search that cannot proceed; the message names the problem and the fix."""
@@ -233,16 +231,20 @@ def target_values(eval_losses: Sequence[Mapping[str, float]], target: str,
         missing = [d for d in names if d not in losses]
         if missing:
             raise MixSearchError(f"proxy results have no eval loss for {missing}; evaluate on "
-                                 f"every target domain (known: {', '.join(DOMAIN_NAMES)})")
+                                 f"every target domain (evaluated: {', '.join(losses)})")
         out.append(float(np.mean([losses[d] for d in names])))
     return np.asarray(out)
 
 
-def target_domains(target: str, mixture_domains: Sequence[str]) -> list[str]:
+def target_domains(target: str, mixture_domains: Sequence[str],
+                   known: Sequence[str] | None = None) -> list[str]:
+    """The domains a target averages: the mixture's for "mean", else the one named (among
+    ``known``, the run's sources; default: the mixture's domains)."""
     if target == "mean":
         return list(mixture_domains)
     name = target.removeprefix("domain:")
-    if name not in DOMAIN_NAMES:
+    known = list(known if known is not None else mixture_domains)
+    if name not in known:
         raise MixSearchError(f"unknown target {target!r}; use 'mean' or a domain name "
-                             f"({', '.join(DOMAIN_NAMES)})")
+                             f"({', '.join(known)})")
     return [name]

@@ -24,6 +24,7 @@ import numpy as np
 
 from loam import cli
 from loam.configs import default
+from loam.data import catalog as catalog_lib
 from loam.data import recipes
 from loam.mixing import laws as laws_lib
 from loam.mixing import regmix
@@ -38,6 +39,10 @@ def _target_config(config, weights: dict, seed: int = 0):
                            f"batch_size={t.batch_size}")
     c.optim.lr, c.optim.warmup_steps = t.lr, t.warmup_steps
     c.data.domains = list(config.proxy.data.domains)
+    for key in ("sources", "tokenizer", "prepared_dir", "dir"):
+        if config.proxy.data.get(key):
+            with c.unlocked():
+                c.data[key] = config.proxy.data[key]
     c.seed = seed
     c.eval_tokens, c.eval_batch_size = config.proxy.eval_tokens, config.proxy.eval_batch_size
     return swarm_lib.member_config(c, swarm_lib.Member(weights, seed=seed))
@@ -121,7 +126,8 @@ def _regmix_name(search, regressor: str) -> str:
 
 def fit_and_propose(config, workdir: Path, rows, domains, sizes, upper) -> dict:
     s = config.search
-    tdomains = regmix.target_domains(s.target, domains)
+    tdomains = regmix.target_domains(s.target, domains,
+                                     known=catalog_lib.for_config(config.proxy).names)
     R = np.array([[r["weights"][d] for d in domains] for r in rows])
     y = np.array([regmix.target_values([r["eval_loss"]], s.target, domains)[0]
                   if r["finite"] else float("nan") for r in rows])
@@ -328,12 +334,13 @@ def run(config, workdir: str | Path) -> dict:
 
 def _run(config, workdir: Path) -> dict:
     check_config(config)
-    domains = list(config.proxy.data.domains)
+    domains = catalog_lib.mixture_domains(config.proxy)
     s = config.search
     if s.proposal not in s.regressors:
         raise regmix.MixSearchError(f"search.proposal={s.proposal!r} is not among "
                                     f"search.regressors {list(s.regressors)}")
-    tdomains = regmix.target_domains(s.target, domains)
+    tdomains = regmix.target_domains(s.target, domains,
+                                     known=catalog_lib.for_config(config.proxy).names)
     eval_domains = list(dict.fromkeys(domains + tdomains))
     regmix.check_enough(s.num_proxies, len(domains), "proxies configured")
     known = [_regmix_name(s, r) for r in s.regressors] + ["mixing_law"] + list(s.baselines)
@@ -341,7 +348,7 @@ def _run(config, workdir: Path) -> dict:
     if unknown:
         raise regmix.MixSearchError(f"validate.mixtures names {unknown}, which this search does "
                                     f"not propose; choose from {known}")
-    sizes = recipes.domain_sizes(domains, config.proxy.data.dir or None)
+    sizes = recipes.domain_sizes(domains, catalog=catalog_lib.for_config(config.proxy))
 
     R, upper = sample(config, workdir, domains, sizes)  # refuses other mixtures than saved
     save_config(workdir, config)

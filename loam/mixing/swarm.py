@@ -39,7 +39,8 @@ from loam import hooks as hooks_lib
 from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
-from loam.data import corpora, heldout, objectives
+from loam.data import catalog as catalog_lib
+from loam.data import heldout
 from loam.model import sharding
 from loam.workdir import read_json, write_json
 
@@ -79,8 +80,8 @@ class SwarmState:
 
 def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_collections.ConfigDict:
     """The single-run config equivalent to one member of a swarm."""
-    c = copy.deepcopy(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-    c = ml_collections.ConfigDict(c)
+    c = (run_lib.copy_config(config) if hasattr(config, "to_json_best_effort")
+         else ml_collections.ConfigDict(copy.deepcopy(dict(config))))
     c.seed = int(member.seed)
     w = member.weights
     del c.data["weights"]  # the field may change type (recipe string <-> dict)
@@ -283,13 +284,14 @@ class Swarm:
     def eval_sets(self, domains: Sequence[str] | None = None) -> list[tuple[str, list, float]]:
         if self._eval_sets is None:
             c = self.config
-            objective = objectives.get_objective(c.data.objective)
-            names = list(domains or corpora.DOMAIN_NAMES)
+            objective = run_lib.build_objective(c)
+            catalog = run_lib.build_catalog(c)
+            names = list(domains or catalog.names)
             sets = []
             for d in names:
                 batches, _ = heldout.eval_batches(d, objective, self.seq_len,
                                                   c.eval_batch_size, c.eval_tokens,
-                                                  data_dir=c.data.dir or None)
+                                                  catalog=catalog)
                 tokens = float(sum(b["loss_weights"].sum() for b in batches))
                 sets.append((d, batches, tokens))
             self._eval_sets = sets
@@ -381,8 +383,8 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
             stream.load_state(data)  # checks the position; restores an online log
         if verbose:
             print(f"swarm resumed from checkpoint at step {start}", flush=True)
-    domains = list(config.data.domains)
-    domain_ids = [corpora.DOMAIN_NAMES.index(corpora.resolve_domain(d)) for d in domains]
+    domains = catalog_lib.mixture_domains(config)
+    domain_ids = [run_lib.build_catalog(config).domain_id(d) for d in domains]
     # Online weight sources read each member's own per-domain losses, every step.
     feedback = [(i, hooks_lib.MixtureFeedback(s)) for i, s in enumerate(swarm.member_streams)
                 if s.source.adaptive]

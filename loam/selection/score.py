@@ -20,7 +20,8 @@ import numpy as np
 
 from loam import cli
 from loam import run as run_lib
-from loam.data import corpora, heldout, objectives, tokenized
+from loam.data import catalog as catalog_lib
+from loam.data import corpora, heldout, objectives
 from loam.selection import columns as columns_lib
 from loam.selection import heuristics
 
@@ -54,10 +55,10 @@ def model_scorer(domain: str, docs: list[tuple[str, str]], workdir: str, column:
 
     total = np.zeros(len(docs))
     count = np.zeros(len(docs))
-    corpus = tokenized.load(domain, data_dir)
+    catalog = catalog_lib.default(data_dir)
     for split in ("train", "validation"):
-        for b in heldout.document_batches(domain, corpus.split(split), objective, seq_len,
-                                          batch_size):
+        for b in heldout.document_batches(domain, split, objective, seq_len, batch_size,
+                                          catalog=catalog):
             nll = np.asarray(token_losses(params, {k: jnp.asarray(v) for k, v in b.items()}))
             ids, w = b["doc_ids"].reshape(-1), b["loss_weights"].reshape(-1)
             keep = ids >= 0

@@ -140,6 +140,9 @@ def _items(mapping: Any) -> list[tuple[Any, Any]]:
     return list(mapping.items())
 
 
+ordered_items = _items
+
+
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
