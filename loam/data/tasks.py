@@ -1,14 +1,21 @@
-"""seqio Tasks and Mixtures over loam's tfds datasets; importing this module registers them.
+"""seqio Tasks and Mixtures: an export of loam's sources. Importing this module registers the
+default ones.
 
-Names: ``loam.<domain>.<objective>`` for domain in ``corpora.DOMAIN_NAMES`` and objective in
-``OBJECTIVE_NAMES``, plus the mixtures ``loam.all.<objective>`` (rates proportional to each
-domain's training text size). ``register_tfds_source`` adds the same tasks for any other tfds
-dataset (c4 on a bucket, a local one).
+``register_sources(sources)`` registers, for every source (``loam.data.sources``; e.g.
+``sources.from_config(config)``), ``loam.<domain>.<objective>`` for each objective in
+``OBJECTIVE_NAMES``, and the mixtures ``loam.all.<objective>`` (rates proportional to each
+domain's training text size). A task's data source reads the source's documents with the very
+reader, document ids and train/validation split (``sources.doc_split``) that preparation for
+the trainer uses (``SourceDataSource``). Import registers the five bundled corpora
+(``register_domain_tasks``); ``register_tfds_source`` registers a ``tfds:`` source. The trainer
+does not read these tasks: it reads prepared token shards of the same sources. Naming such a
+task as a source (``seqio:loam.code.span_corruption``) reads its documents back and requires its
+objective (``loam.data.sources.seqio.required_objective``).
 
-Pipeline of every task: tfds source -> rekey (text -> targets; domain_id, doc_index, doc_id kept)
--> ``seqio.preprocessors.tokenize`` -> append EOS at the document's end and split the document into
-chunks of ``objective.max_input_len(L)`` tokens (never truncated) -> the numpy objective of
-``loam.data.objectives`` (through ``tf.numpy_function``) with a seed derived from
+Pipeline of every task: the source's documents -> rekey (text -> targets; domain_id, doc_index,
+doc_id kept) -> ``seqio.preprocessors.tokenize`` -> append EOS at the document's end and split the
+document into chunks of ``objective.max_input_len(L)`` tokens (never truncated) -> the numpy
+objective of ``loam.data.objectives`` (through ``tf.numpy_function``) with a seed derived from
 (task seed, domain id, document, chunk index), so an example's corruption does not depend on the
 order it is read in -> ``targets`` (causal) or ``inputs``/``targets`` (prefix objectives: the
 bidirectional prefix and the predicted part).
@@ -18,7 +25,8 @@ packed row length (inputs ++ targets of a prefix example fit in it). ``LoamFeatu
 packs such examples into the house batch features (inputs, targets, loss_weights, segment_ids,
 positions, prefix, domain_ids, doc_ids); ``get_dataset`` does it all in one call.
 
-The seqio/TensorFlow import happens here and nowhere else in loam's data path.
+This module imports seqio and TensorFlow at module level; the rest of loam's data path imports
+them only where a ``tfds:`` or ``seqio:`` source is read.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from loam.data import corpora, objectives, tfds_builders
+from loam.data import corpora, objectives, sources
 from loam.data import vocab as vocab_lib
+from loam.data.sources import tfds as tfds_kind
 
 OBJECTIVE_NAMES: tuple[str, ...] = ("causal", "prefix_lm", "span_corruption", "ul2")
 PREFIX_OBJECTIVES = frozenset({"prefix_lm", "span_corruption", "ul2"})
@@ -188,13 +197,10 @@ def _preprocessors(objective_name: str, text_key: str = "text", domain_id: int |
     # The objective's own seed stream differs per objective and per task seed.
     task_seed = int(objectives.derive_seeds(seed, zlib.crc32(objective_name.encode())))
 
-    def chunk(ds, sequence_length):
-        return chunk_documents(ds, sequence_length, objective)
-
     return [
         functools.partial(rekey_document, text_key=text_key, domain_id=domain_id),
         functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=False),
-        chunk,
+        functools.partial(chunk_documents, objective=objective),
         functools.partial(apply_objective, objective=objective, task_seed=task_seed),
     ]
 
@@ -202,105 +208,171 @@ def _preprocessors(objective_name: str, text_key: str = "text", domain_id: int |
 # ----------------------------------------------------------------------------- sources
 
 
-class LoamDomainSource(seqio.TfdsDataSource):
-    """The tfds dataset of one bundled domain, prepared from its corpus file on first use.
+class SourceDataSource(seqio.FunctionDataSource):
+    """The documents of a loam source (`loam.data.sources`) as a seqio data source: the reader,
+    document ids and train/validation split that preparation for the trainer uses.
 
-    The tfds data dir is resolved when data is first needed ($LOAM_TFDS_DIR, else
-    ~/tensorflow_datasets, unless given), so setting the variable after import works.
-    """
+    Examples: ``text``, ``doc_id``, ``doc_index`` (the record's position in the source, every
+    record counted, as in prepared shards) and ``domain_id``. Documents come in the source's
+    order; seqio shuffles examples."""
 
-    def __init__(self, domain: str, tfds_data_dir=None, corpus_dir=None):
-        self._domain = domain
-        self._fixed_data_dir = tfds_data_dir
-        self._corpus_dir = corpus_dir
-        self._prepared_dir: str | None = None
-        super().__init__(tfds_name=f"{tfds_builders.tfds_name(domain)}:{tfds_builders.VERSION}",
-                         splits=("train", "validation"), read_only=True,
-                         tfds_builder_kwargs={"corpus_dir": corpus_dir} if corpus_dir else None)
+    def __init__(self, source: sources.Source, domain_id: int):
+        self.loam_source = source
+        self.domain_id = domain_id
+        super().__init__(dataset_fn=functools.partial(_documents, source, domain_id),
+                         splits=sources.SPLITS)
 
-    @property
-    def tfds_dataset(self) -> seqio.utils.LazyTfdsLoader:
-        data_dir = str(self._fixed_data_dir or tfds_builders.default_tfds_dir())
-        if self._prepared_dir != data_dir:
-            tfds_builders.build_domain(self._domain, data_dir, self._corpus_dir)
-            self._tfds_dataset = seqio.utils.LazyTfdsLoader(
-                f"{tfds_builders.tfds_name(self._domain)}:{tfds_builders.VERSION}",
-                data_dir=data_dir, split_map={"train": "train", "validation": "validation"},
-                builder_kwargs={"corpus_dir": self._corpus_dir} if self._corpus_dir else None,
-                read_only=True)
-            self._prepared_dir = data_dir
-        return self._tfds_dataset
+    def __repr__(self):
+        return f"SourceDataSource({self.loam_source}, domain_id={self.domain_id})"
+
+
+_DOCUMENT_SIGNATURE = {
+    "text": tf.TensorSpec([], tf.string), "doc_id": tf.TensorSpec([], tf.string),
+    "doc_index": tf.TensorSpec([], tf.int64), "domain_id": tf.TensorSpec([], tf.int32)}
+
+
+def _documents(source: sources.Source, domain_id: int, split: str, shuffle_files: bool,
+               seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one order: the source's
+    if split not in sources.SPLITS:
+        raise ValueError(f"loam tasks have splits {sources.SPLITS}, not {split!r}")
+    units = sources.units(source)  # a missing or malformed source fails here, not mid-stream
+
+    def generate():
+        index = 0
+        for unit in units:
+            for doc_id, text in sources.read_unit(unit):
+                if sources.doc_split(unit, doc_id) == split:
+                    yield {"text": text, "doc_id": doc_id, "doc_index": index,
+                           "domain_id": domain_id}
+                index += 1
+    return tf.data.Dataset.from_generator(generate, output_signature=_DOCUMENT_SIGNATURE)
 
 
 # ----------------------------------------------------------------------------- registration
 
 
 def _add_task(name, source, objective, **kwargs) -> seqio.Task:
-    seqio.TaskRegistry.remove(name)  # re-registering (a notebook, a new data_dir) replaces
+    seqio.TaskRegistry.remove(name)  # re-registering (a notebook, a new data dir) replaces
     return seqio.TaskRegistry.add(name, source=source, output_features=output_features(objective),
                                   preprocessors=_preprocessors(objective, **kwargs),
                                   metric_fns=[])
 
 
 @functools.cache
+def source_text_bytes(source: sources.Source, split: str = "train") -> int:
+    """UTF-8 bytes of a source's documents in `split`: the mixture rate (≈ tokens, not
+    documents, so a domain of many tiny entries is not over-weighted). Reads the source once."""
+    return sum(len(t.encode()) for _, t in sources.read_documents(source, split))
+
+
+def _bundled(domain: str, corpus_dir=None) -> sources.Source:
+    spec = {"source": f"bundled:{domain}"}
+    if corpus_dir:
+        spec["data_dir"] = str(corpus_dir)
+    return sources.parse(domain, spec)
+
+
 def train_text_bytes(domain: str, corpus_dir=None) -> int:
-    """UTF-8 bytes of a domain's training split: the mixture rate (≈ tokens, not documents,
-    so a domain of many tiny entries is not over-weighted)."""
-    return sum(len(t.encode()) for d, t in corpora.read_documents(
-        corpora.corpus_path(domain, corpus_dir)) if not corpora.is_validation(d))
+    """`source_text_bytes` of a bundled domain's training split."""
+    return source_text_bytes(_bundled(domain, corpus_dir))
 
 
-def _text_rate(domain, corpus_dir, task) -> float:
+def _text_rate(source: sources.Source, task) -> float:
     del task  # seqio passes it; the rate is computed (once) when a mixture is first read
-    return float(train_text_bytes(domain, corpus_dir))
+    return float(source_text_bytes(source))
 
 
-def register_domain_tasks(tfds_data_dir=None, corpus_dir=None, seed: int = 0) -> list[str]:
-    """(Re-)registers ``loam.<domain>.<objective>`` and ``loam.all.<objective>``; import does
-    this with the defaults. Returns the task names."""
+def register_sources(srcs: Mapping[str, sources.Source], *, seed: int = 0,
+                     objective_names: tuple[str, ...] = OBJECTIVE_NAMES,
+                     domain_ids: Mapping[str, int] | None = None,
+                     mixture: str | None = "all") -> list[str]:
+    """Registers (or replaces) ``loam.<domain>.<objective>`` for every source and objective,
+    and the mixtures ``loam.<mixture>.<objective>`` over them, rates proportional to each
+    domain's training text (`source_text_bytes`); ``mixture=None`` registers no mixture.
+
+    Args:
+      srcs: domain name -> Source, e.g. ``loam.data.sources.from_config(config)``.
+      domain_ids: the id in ``domain_ids`` per domain; default the position in `srcs` (the ids
+        a run with these sources gives its domains).
+    Returns the task names.
+    """
+    ids = dict(domain_ids or {})
+    parsed = {domain: sources.parse(domain, source) for domain, source in srcs.items()}
     names = []
-    for domain in corpora.DOMAIN_NAMES:
-        source = LoamDomainSource(domain, tfds_data_dir, corpus_dir)
-        for objective in OBJECTIVE_NAMES:
-            names.append(_add_task(task_name(domain, objective), source, objective, seed=seed))
-    for objective in OBJECTIVE_NAMES:
-        seqio.MixtureRegistry.remove(mixture_name(objective))
-        seqio.MixtureRegistry.add(
-            mixture_name(objective),
-            [(task_name(d, objective), functools.partial(_text_rate, d, corpus_dir))
-             for d in corpora.DOMAIN_NAMES])
-    return [t.name for t in names]
+    for position, (domain, source) in enumerate(parsed.items()):
+        if "." in domain or domain == mixture:
+            raise ValueError(f"domain {domain!r}: task names are 'loam.<domain>.<objective>', so "
+                             f"a domain name has no '.' and is not {mixture!r}")
+        data = SourceDataSource(source, ids.get(domain, position))
+        for objective in objective_names:
+            names.append(_add_task(task_name(domain, objective), data, objective,
+                                   domain_id=data.domain_id, seed=seed).name)
+    if mixture is not None:
+        for objective in objective_names:
+            name = f"loam.{mixture}.{objective}"
+            seqio.MixtureRegistry.remove(name)
+            seqio.MixtureRegistry.add(
+                name, [(task_name(d, objective), functools.partial(_text_rate, s))
+                       for d, s in parsed.items()])
+    return names
+
+
+def register_domain_tasks(corpus_dir=None, seed: int = 0) -> list[str]:
+    """(Re-)registers the default export: ``loam.<domain>.<objective>`` over the five bundled
+    corpora (read from `corpus_dir` if given, else as ``bundled:`` sources read) and the
+    mixtures ``loam.all.<objective>``; import does this with the defaults."""
+    return register_sources({d: _bundled(d, corpus_dir) for d in corpora.DOMAIN_NAMES},
+                            seed=seed)
 
 
 def register_tfds_source(name: str, tfds_name: str, data_dir=None, text_key: str = "text",
                          splits=None, domain_id: int | None = None, seed: int = 0,
                          objective_names=OBJECTIVE_NAMES) -> list[str]:
-    """Points loam at an existing tfds dataset in one call: registers ``loam.<name>.<objective>``
-    for every objective. The dataset must be prepared already (``tfds build``, or a bucket such
-    as gs://.../c4 via ``data_dir``); nothing is downloaded.
+    """Registers ``loam.<name>.<objective>`` for every objective over the source
+    ``tfds:<tfds_name>`` (see ``loam.data.sources.tfds``); the dataset must be prepared already
+    (``tfds build``, or a bucket such as gs://.../c4 via ``data_dir``); nothing is downloaded.
+    The same source in a run config: ``{"source": "tfds:<tfds_name>", "split": ..., "data_dir":
+    ..., "feature": ...}``.
 
     Args:
       name: the domain name in task names (no dots).
       tfds_name: "dataset[/config][:version]", e.g. "c4/en:3.1.0".
       data_dir: the tfds data dir holding it (default: tfds' own).
       text_key: the text feature.
-      splits: the splits to expose, an iterable or a {loam split: tfds split or slice} dict,
-        e.g. {"train": "train", "validation": "validation[:1000]"}; default all.
+      splits: {"train": tfds split or slice, "validation": tfds split or slice}, e.g.
+        {"train": "train", "validation": "validation[:1000]"} (an iterable of names maps each to
+        itself). Default: "train", and "validation" if the dataset has that split; without a
+        validation split, validation documents are chosen by a hash of the document id.
       domain_id: the id in ``domain_ids``; default the next id after the bundled domains and the
-        sources already registered.
+        sources already registered this way.
     Returns the task names.
     """
     if not name or "." in name:
         raise ValueError(f"source name {name!r} must be non-empty and have no '.'")
     if name in corpora.DOMAIN_NAMES:
         raise ValueError(f"{name!r} is a bundled domain; choose another name for the source")
+    options = {"feature": text_key, **({"data_dir": str(data_dir)} if data_dir else {})}
+    train = sources.parse(name, {"source": f"tfds:{tfds_name}", **options})
+    if splits is None:
+        available = tfds_kind.builder(train).info.splits
+        splits = {"train": "train", **({"validation": "validation"}
+                                       if "validation" in available else {})}
+    elif not isinstance(splits, Mapping):
+        splits = {k: k for k in splits}
+    if set(splits) - {"train", "validation"} or "train" not in splits:
+        raise ValueError(f"splits {dict(splits)}: give a 'train' and optionally a 'validation' "
+                         "tfds split (or slice)")
+    spec: dict = {"source": f"tfds:{tfds_name}", **options, "split": splits["train"]}
+    if "validation" in splits:
+        spec["validation"] = {"source": f"tfds:{tfds_name}", **options,
+                              "split": splits["validation"]}
     if domain_id is None:
         domain_id = EXTRA_DOMAINS.get(name, len(corpora.DOMAIN_NAMES) + len(EXTRA_DOMAINS))
     EXTRA_DOMAINS[name] = domain_id
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=str(data_dir) if data_dir
-                                  else None, splits=splits, read_only=True)
-    return [_add_task(task_name(name, objective), source, objective, text_key=text_key,
-                      domain_id=domain_id, seed=seed).name for objective in objective_names]
+    return register_sources({name: sources.parse(name, spec)}, seed=seed,
+                            objective_names=tuple(objective_names),
+                            domain_ids={name: domain_id}, mixture=None)
 
 
 def get_task_or_mixture(name: str):
@@ -312,9 +384,10 @@ def get_task_or_mixture(name: str):
             seqio.MixtureRegistry.names()) if n.startswith("loam."))
         raise ValueError(
             f"no seqio task or mixture named {name!r}; loam registers 'loam.<domain>.<objective>' "
-            f"for domains {list(corpora.DOMAIN_NAMES) + list(EXTRA_DOMAINS)} and objectives "
-            f"{list(OBJECTIVE_NAMES)}, and 'loam.all.<objective>' (known: {', '.join(known)}). "
-            "Other tfds datasets: loam.data.tasks.register_tfds_source(name, tfds_name)"
+            f"for the registered domains and objectives {list(OBJECTIVE_NAMES)}, and "
+            f"'loam.all.<objective>' (known: {', '.join(known)}). Other data: "
+            "loam.data.tasks.register_sources(loam.data.sources.from_config(config)), or "
+            "register_tfds_source(name, tfds_name) for a tfds dataset"
         ) from None
 
 

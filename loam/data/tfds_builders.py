@@ -10,9 +10,10 @@ domain id; the train/validation split is ``corpora.is_validation(doc_id)``, a ha
 builds them (into $LOAM_TFDS_DIR, else ~/tensorflow_datasets). The corpus file's SHA-256 is
 recorded in the dataset's metadata so a dataset built from a different corpus is detected.
 
-To train on any other tfds dataset (c4 on a bucket, a local one), use
-``loam.data.tasks.register_tfds_source`` (seqio tasks are built on top of this module, never the
-other way round).
+These datasets are an export of the bundled corpora for tfds users. Any prepared tfds dataset
+(these, c4 on a bucket, a local one) is read as a source with ``tfds:<name>`` (see
+``loam.data.sources.tfds``): ``{"source": "tfds:loam_code", "data_dir": DIR, "id_field":
+"doc_id"}`` gives the code corpus' training documents back.
 """
 
 from __future__ import annotations
