@@ -1,6 +1,6 @@
 """Preparation throughput and memory, and the stream over a large prepared corpus.
 
-    python -m loam.bench.prepare                  # >= 1 GB of text (~10 minutes on 2 cores)
+    python -m loam.bench.prepare                  # >= 1 GB of text (several minutes)
     python -m loam.bench.prepare --quick          # a few MB: checks that the bench runs
 
 The corpus: the five full corpora (``python -m loam.data.build --size full``, built once into
