@@ -23,6 +23,7 @@ from loam.data import sources as sources_lib
 from loam.data import stream as stream_lib
 from loam.data import vocab as vocab_lib
 from loam.data import weights as weights_lib
+from loam.data.sources import seqio as seqio_source
 from loam.model import sharding, sizes
 from loam.model.transformer import ModelConfig, Transformer
 
@@ -106,8 +107,6 @@ def _resolve_data(c: ml_collections.ConfigDict) -> None:
     for name in domains:
         source = catalog.source(name)
         if source.kind == "seqio":
-            from loam.data.sources import seqio as seqio_source  # noqa: PLC0415 - TensorFlow
-
             wanted = seqio_source.required_objective(source)
             if wanted and wanted != c.data.objective:
                 raise ConfigError(

@@ -1,4 +1,4 @@
-"""The tokenized-corpus cache and the deterministic mixture stream, on the real bundled corpora."""
+"""Prepared bundled domains and the deterministic mixture stream, on the real bundled corpora."""
 
 import json
 import os
@@ -54,43 +54,44 @@ def test_vocabulary_round_trips_every_domain():
             assert v.decode(ids) == text, d
 
 
-def test_tokenized_corpus_layout_and_cache(cache_dir):
+def test_tokenized_domain_layout_and_cache(cache_dir):
     c = tokenized.load("literature")
-    docs = list(corpora.read_documents(c.path))
+    docs = list(corpora.read_documents(corpora.corpus_path("literature")))
     assert c.train.num_documents + c.validation.num_documents == len(docs)
     assert c.dropped_documents == 0
     for split, want in (("train", False), ("validation", True)):
         s = c.split(split)
         assert all(corpora.is_validation(docs[i][0]) == want for i in s.doc_index)
         assert np.all(s.tokens[s.offsets[1:] - 1] == vocab_lib.EOS_ID)  # EOS ends every doc
-        assert s.tokens.dtype == np.int32 and isinstance(s.tokens, np.memmap)
+        assert s.tokens.dtype == np.uint16  # 8192 ids fit in two bytes
         i = s.num_documents // 2
         text = docs[s.doc_index[i]][1]
         assert s.doc_bytes[i] == len(text.encode())
         assert vocab_lib.default_vocabulary().decode(s.tokens[s.offsets[i]:s.offsets[i + 1]]) \
             == text
-    again = tokenized.TokenizedCorpus("literature")  # from the cache, same entry
-    assert again.entry == c.entry and again.entry.parent == cache_dir
+    # Prepared once, under the cache directory; a later load maps the same files.
+    prepared = list((cache_dir / "prepared").glob("literature-*"))
+    assert len(prepared) == 1 and (prepared[0] / "manifest.json").exists()
+    again = tokenized.load("literature")
+    assert again.prepared.path == c.prepared.path
     np.testing.assert_array_equal(again.train.tokens, c.train.tokens)
-    assert not list(cache_dir.glob("*.tmp-*"))
 
 
-def test_cache_key_follows_corpus_bytes_and_drops_are_counted(tmp_path):
+def test_preparation_follows_corpus_bytes_and_drops_are_counted(tmp_path):
     texts = [f"Document number {i} says something about item {i * 7}." for i in range(60)]
     d1 = _write_corpus(tmp_path / "a", "code", texts + ["   ", "\n"])
     d2 = _write_corpus(tmp_path / "b", "code", texts[:-1] + ["   ", "\n"])
-    c1 = tokenized.TokenizedCorpus("code", d1, cache=tmp_path / "cache")
-    c2 = tokenized.TokenizedCorpus("code", d2, cache=tmp_path / "cache")
-    assert c1.entry != c2.entry
-    assert c1.dropped_documents == 2 and c1.meta["documents"] == 62
+    c1, c2 = tokenized.load("code", d1), tokenized.load("code", d2)
+    assert c1.prepared.path != c2.prepared.path
+    assert c1.dropped_documents == 2
     assert c1.train.num_documents + c1.validation.num_documents == 60
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing", "does not exist"),
+    ("missing", "not found"),
     ("no_docs", "holds no documents"),
-    ("all_empty", "all 3 documents are empty"),
-    ("undecodable", "undecodable bytes"),
+    ("all_empty", "holds 3 documents, all empty"),
+    ("undecodable", "not valid UTF-8|undecodable"),
 ])
 def test_bad_corpora_give_clear_errors(tmp_path, case, match):
     path = corpora.corpus_path("docs", tmp_path)
@@ -103,7 +104,7 @@ def test_bad_corpora_give_clear_errors(tmp_path, case, match):
         with gzip.open(path, "wb") as f:
             f.write(b'{"id": "a", "text": "\xff\xfe bad"}\n')
     with pytest.raises(corpora.CorpusError, match=match):
-        tokenized.TokenizedCorpus("docs", tmp_path, cache=tmp_path / "cache")
+        tokenized.load("docs", tmp_path)
     with pytest.raises(ValueError, match=match):  # the stream surfaces the same message
         stream_lib.MixtureStream(["docs"], "causal", [1.0], 64, 2, 0, data_dir=tmp_path)
 
@@ -144,7 +145,7 @@ def test_validate_weights_errors(weights, match):
 
 
 def test_bad_stream_configs():
-    with pytest.raises(ValueError, match="unknown task or domain 'poetry'"):
+    with pytest.raises(ValueError, match="unknown domain 'poetry'"):
         _stream(domains=["poetry"], weights=[1.0])
     with pytest.raises(ValueError, match="not divisible"):
         _stream(batch_size=6, process_count=4)

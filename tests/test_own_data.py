@@ -147,3 +147,29 @@ def test_train_on_own_data_then_refuse_changed_data(web, tmp_path):
     # Restored files (as `cp -p` restores them): the run resumes and continues.
     run_train(work, "--config.steps=16", config=str(config))
     assert max(losses(work)) == 16
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["no_match", "bad_json"])
+def test_bad_source_is_one_line_and_writes_nothing(tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "bad_json":
+        (data / "a.jsonl").write_text('{"text": "fine"}\n{"text": "cut\n{"text": "fine"}\n')
+    config = tmp_path / "bad.py"
+    config.write_text(
+        "from loam.configs import default\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default.get_config(arg)\n"
+        f"    c.data.sources = {{'mine': 'jsonl:{data}/*.jsonl', 'code': 'bundled:code'}}\n"
+        "    return c\n")
+    work = tmp_path / "run"
+    proc = run_train(work, config=str(config), check=False)
+    assert proc.returncode == 1
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1, proc.stderr
+    if case == "no_match":
+        assert f"{data}/*.jsonl" in err[0] and "matches no file" in err[0]
+    else:
+        assert "a.jsonl:2" in err[0] and "skip_bad_lines" in err[0]
+    assert not (work / "config.json").exists() and not (work / "checkpoints").exists()

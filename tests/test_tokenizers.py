@@ -137,7 +137,8 @@ def test_bundled_tokenizer_keeps_its_ids():
     assert [tok.sentinel_id(i) for i in (0, 1, 99)] == [8191, 8190, 8092]
     assert [vocab_lib.sentinel_id(i) for i in (0, 99)] == [8191, 8092]
     data = vocab_lib.MODEL_PATH.read_bytes()
-    assert tok.fingerprint == hashlib.sha256(b"sentencepiece\n" + data).hexdigest()
+    library = f"sentencepiece\nsentencepiece {spm.__version__}\n".encode()
+    assert tok.fingerprint == hashlib.sha256(library + data).hexdigest()
     # The same file named by path: the same ids and fingerprint, its own spec.
     by_path = vocab_lib.get_tokenizer(str(vocab_lib.MODEL_PATH))
     assert by_path.spec == f"sentencepiece:{vocab_lib.MODEL_PATH}"

@@ -100,7 +100,8 @@ def test_static_log_is_the_recipe_and_is_not_saved():
     assert np.array_equal(stream.weights_log(6), np.tile(want, (6, 1)))
     assert np.array_equal(stream.weights_at(1000), want)
     state = stream.state_dict(6)
-    assert set(state) == {"step", "rows_consumed", "domains", "seed", "batch_size"}
+    assert set(state) == {"step", "rows_consumed", "domains", "seed", "batch_size",
+                          "fingerprints"}
     stream.observe(3, np.ones(5), np.ones(5))  # ignored by a static source
     make_stream(weights.source_from_config(c)).load_state(state)
     # A curriculum's log is its stages' weights, step by step.

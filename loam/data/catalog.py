@@ -15,9 +15,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from loam.data import corpora
+from loam.data import corpora, prepare
 from loam.data import sources as sources_lib
 from loam.data import vocab as vocab_lib
+from loam.data.shards import PreparedDomain
 
 
 def _prepared_root(prepared_dir=None) -> str:
@@ -39,7 +40,7 @@ class Catalog:
         self.names: list[str] = list(self.sources)
         self.tokenizer_spec = tokenizer or "bundled"
         self.root = _prepared_root(prepared_dir)
-        self._prepared: dict[str, object] = {}
+        self._prepared: dict[str, PreparedDomain] = {}
 
     @functools.cached_property
     def tokenizer(self) -> vocab_lib.Tokenizer:
@@ -71,10 +72,8 @@ class Catalog:
     def source(self, name: str) -> sources_lib.Source:
         return self.sources[self.check(name)]
 
-    def prepared(self, name: str):
+    def prepared(self, name: str) -> PreparedDomain:
         """The domain's prepared shards (prepared in-process now if the source is small)."""
-        from loam.data import prepare  # noqa: PLC0415 - keeps Beam-free imports light
-
         name = self.check(name)
         if name not in self._prepared:
             self._prepared[name] = prepare.ensure_prepared(

@@ -62,11 +62,10 @@ def document_batches(domain: str, split: Split | str, objective, seq_len: int,
     catalog = catalog or catalog_lib.default(data_dir)
     name = catalog.check(domain)
     objective = obj_lib.get_objective(objective, catalog.tokenizer)
-    if isinstance(split, str):
-        split = catalog.split(name, split)
+    data = catalog.split(name, split) if isinstance(split, str) else split
     if batch_size < 1:
         raise ValueError(f"need batch_size >= 1, got {batch_size}")
-    if split.num_documents == 0:
+    if data.num_documents == 0:
         return iter(())
-    dd = DomainData(name, split, objective.max_input_len(seq_len), catalog.domain_id(name))
+    dd = DomainData(name, data, objective.max_input_len(seq_len), catalog.domain_id(name))
     return _batches(dd, objective, seq_len, batch_size, seed, None)

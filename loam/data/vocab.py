@@ -211,8 +211,6 @@ def _fingerprint(spec: _Spec, data: bytes) -> str:
     if spec.kind == "sentencepiece":
         library = f"sentencepiece {spm.__version__}"
     else:
-        import tokenizers  # noqa: PLC0415 - imported only for Hugging Face tokenizers
-
         library = f"tokenizers {tokenizers.__version__}"
     h = hashlib.sha256(f"{spec.kind}\n{library}\n".encode())
     h.update(data)

@@ -42,6 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+import fsspec
+import zstandard
+
 from loam.data import corpora
 from loam.data.corpora import CorpusError
 from loam.data.sources import Source, Unit
@@ -79,7 +82,6 @@ def _is_url(path: str) -> bool:
 
 def _fsspec(url: str):
     try:
-        import fsspec
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
         raise CorpusError(f"cannot read {url}: its filesystem package is not installed ({e}); "
@@ -338,7 +340,6 @@ def _lines(path: str) -> Iterator[bytes]:
         kind = "gzip"
         stream = gzip.GzipFile(fileobj=raw, mode="rb")
     elif name.endswith((".zst", ".zstd")):
-        import zstandard
         kind = "zstd"
         errors += (zstandard.ZstdError,)
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
