@@ -173,3 +173,35 @@ def test_bad_source_is_one_line_and_writes_nothing(tmp_path, case):
     else:
         assert "a.jsonl:2" in err[0] and "skip_bad_lines" in err[0]
     assert not (work / "config.json").exists() and not (work / "checkpoints").exists()
+
+
+def test_a_chosen_tokenizer_sets_the_vocabulary_and_the_data(web, tmp_path):
+    """A Hugging Face tokenizer file: the model's vocabulary follows it, the domains are
+    prepared with it (separately from the bundled tokenizer's shards) and the batches decode
+    back to the documents' text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    root, _ = web
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [t for _, t in corpora.read_documents(corpora.corpus_path("code"))][:100]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+
+    c = _config(root, tokenizer=f"hf:{path}")
+    cat = run_lib.build_catalog(c)
+    assert run_lib.model_config(c).vocab_size == cat.tokenizer.vocab_size == 700 + 100
+    bundled = _config(root)
+    assert (run_lib.build_catalog(bundled).prepared("code").path
+            != cat.prepared("code").path)  # each tokenizer has its own shards
+    web = cat.split("web", "train")
+    assert np.all(web.tokens[web.offsets[1:] - 1] == cat.tokenizer.eos_id)  # its EOS ends docs
+    b = run_lib.build_stream(c).global_batch(0)
+    assert b["targets"].max() < 700
+    row = b["targets"][0][(b["segment_ids"][0] == 1) & (b["loss_weights"][0] > 0)]
+    assert len(cat.tokenizer.decode(row[row != cat.tokenizer.eos_id]).strip()) > 20
+    # A run cannot resume with another tokenizer.
+    assert "data.tokenizer" in run_lib.resume_mismatch(bundled, c)

@@ -1,5 +1,5 @@
 """Preparation (sources -> token shards, on Beam) and the shard reader, on the bundled corpora
-and JSON-lines shards made from them: equality with the former whole-corpus cache, worker- and
+and JSON-lines shards made from them: equality with a whole-corpus computation, worker- and
 shard-count invariance of the bytes, resumption, and every bad input preparation meets."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loam.data import corpora, shards, sources, tokenized
+from loam.data import corpora, shards, sources
 from loam.data import prepare as prep
 from loam.data import vocab as vocab_lib
 from loam.data.corpora import CorpusError
@@ -58,20 +58,39 @@ def mixed_docs():
 
 # ------------------------------------------------------------------------------ the default job
 
-def test_bundled_domains_equal_the_former_tokenized_cache(tok, tmp_path):
+def _whole_corpus(name: str, tok) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """The arrays of a bundled domain computed the plain way, the whole corpus in memory at once
+    (what the trainer's cache did before preparation existed): the reference the streaming,
+    sharded preparation must equal."""
+    docs = _bundled(name)
+    kept = [(i, d, t) for i, (d, t) in enumerate(docs) if t.strip()]
+    ids = tok.encode([t for _, _, t in kept])
+    out = {}
+    for split in shards.SPLITS:
+        sel = [k for k, (_, d, _) in enumerate(kept)
+               if corpora.is_validation(d) == (split == "validation")]
+        lengths = np.array([len(ids[k]) + 1 for k in sel], np.int64)
+        tokens = np.concatenate([np.append(ids[k], tok.eos_id) for k in sel]).astype(np.int64)
+        out[split] = {"tokens": tokens, "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+                      "doc_index": np.array([kept[k][0] for k in sel]),
+                      "doc_bytes": np.array([len(kept[k][2].encode()) for k in sel])}
+    return out, len(docs) - len(kept)
+
+
+def test_bundled_domains_equal_the_whole_corpus_computation(tok, tmp_path):
     for name in corpora.DOMAIN_NAMES:
         src = sources.parse(name, f"bundled:{name}")
         domain = prep.ensure_prepared(src, tok, tmp_path / "prepared")
-        old = tokenized.TokenizedCorpus(name, cache=tmp_path / "old")
+        want, dropped = _whole_corpus(name, tok)
         assert domain.dtype == np.uint16 and domain.manifest["eos_id"] == tok.eos_id
         for split in shards.SPLITS:
-            new, want = domain.split(split), old.split(split)
+            new = domain.split(split)
             for f in FIELDS:
-                np.testing.assert_array_equal(getattr(new, f), getattr(want, f),
+                np.testing.assert_array_equal(getattr(new, f), want[split][f],
                                               err_msg=f"{name}/{split}/{f}")
-            assert domain.num_tokens(split) == want.num_tokens
-            assert domain.num_documents(split) == want.num_documents
-        assert domain.dropped_documents == old.dropped_documents
+            assert domain.num_tokens(split) == want[split]["tokens"].shape[0]
+            assert domain.num_documents(split) == want[split]["doc_index"].shape[0]
+        assert domain.dropped_documents == dropped
 
 
 def test_blocks_cover_the_split_in_whole_documents(tok, tmp_path, mixed_docs):
