@@ -38,6 +38,10 @@ import threading
 import time
 from pathlib import Path
 
+from loam.data import catalog as catalog_lib
+from loam.data import corpora, prepare, sources, vocab
+from loam.data import stream as stream_lib
+
 GB = 1_000_000_000
 MB = 1 << 20
 
@@ -51,7 +55,6 @@ def bench_dir() -> Path:
 
 def full_corpora(directory: Path) -> Path:
     """The full corpora, built once (needs the Debian and PyPI archives)."""
-    from loam.data import corpora  # noqa: PLC0415
 
     if all(corpora.corpus_path(d, directory).exists() for d in corpora.DOMAIN_NAMES):
         return directory
@@ -65,7 +68,6 @@ def full_corpora(directory: Path) -> Path:
 def replicate(base: Path, out: Path, target_bytes: int, replicas: int | None,
               max_docs: int | None) -> dict:
     """Writes the replicated JSON-lines corpus once (``corpus.json`` last); returns it."""
-    from loam.data import corpora  # noqa: PLC0415
 
     done = out / "corpus.json"
     if done.exists():
@@ -112,7 +114,6 @@ def sources_for(corpus: dict, fraction_replicas: int | None = None) -> dict[str,
 # ---------------------------------------------------------------------------------- children
 
 def _child_plain(args: dict) -> dict:
-    from loam.data import prepare, sources, vocab  # noqa: PLC0415
 
     tok = vocab.get_tokenizer("bundled")
     tokens = documents = 0
@@ -137,7 +138,6 @@ def _child_plain(args: dict) -> dict:
 
 
 def _child_prepare(args: dict) -> dict:
-    from loam.data import prepare, sources, vocab  # noqa: PLC0415
 
     tok = vocab.get_tokenizer("bundled")
     srcs = {d: sources.parse(d, s) for d, s in args["sources"].items()}
@@ -151,9 +151,6 @@ def _child_prepare(args: dict) -> dict:
 
 
 def _child_stream(args: dict) -> dict:
-    from loam.data import catalog as catalog_lib  # noqa: PLC0415
-    from loam.data import sources  # noqa: PLC0415
-    from loam.data import stream as stream_lib  # noqa: PLC0415
 
     start = time.perf_counter()
     if args["sources"] is None:
@@ -258,7 +255,6 @@ def main(argv=None) -> dict:
         print(json.dumps(result), flush=True)
         return result
 
-    from loam.data import corpora  # noqa: PLC0415
 
     workdir = Path(args.workdir) if args.workdir else bench_dir()
     if args.quick:

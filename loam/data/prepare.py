@@ -52,8 +52,10 @@ from typing import Any
 
 import numpy as np
 
+from loam import cli
 from loam.data import shards as shards_lib
 from loam.data import sources as sources_lib
+from loam.data import vocab as vocab_lib
 from loam.data.corpora import CorpusError
 from loam.data.shards import ARRAYS, MANIFEST, SHARD_META, SPLITS, PreparedDomain
 
@@ -573,7 +575,6 @@ class _PrepareUnit:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from loam.data import vocab as vocab_lib  # noqa: PLC0415
 
             tok = vocab_lib.get_tokenizer(self.tokenizer_spec)
             if tok.fingerprint != self.tokenizer_fingerprint:
@@ -747,8 +748,6 @@ def summary_lines(prepared: Mapping[str, PreparedDomain]) -> list[str]:
 
 
 def main(argv: list[str] | None = None):
-    from loam import cli  # noqa: PLC0415
-    from loam.data import vocab as vocab_lib  # noqa: PLC0415
 
     argv = list(sys.argv if argv is None else argv)
     ours, beam_args = split_beam_args(argv[1:])

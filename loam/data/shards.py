@@ -35,6 +35,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from loam.data.corpora import CorpusError
@@ -80,7 +81,6 @@ def local_path(path) -> Path:
 
 def filesystem(url: str):
     """(fsspec filesystem, path inside it) of a URL; a clear error if its package is missing."""
-    import fsspec  # noqa: PLC0415 - only URL-addressed data needs it
 
     try:
         return fsspec.core.url_to_fs(url)
