@@ -9,22 +9,22 @@ parameters, with the optimiser state and data position of the newest averaged ch
 
 Nothing that exists is overwritten: the output is built in a temporary directory next to OUT and
 renamed into place. An existing OUT is refused unless it is this command's own earlier output
-(it holds `averaged.json`): the same average again is a no-op, a different one replaces it.
+(it holds `averaged.json`): the same average again is a no-op, a different one replaces it. On an
+object store (gs://), where a rename is a copy of each object, `averaged.json` is written after
+the rest is in place, so an output cut short is never taken for a finished one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from loam import checkpoint as ckpt_lib
-from loam import cli
+from loam import cli, paths
 from loam import run as run_lib
 from loam.workdir import UnreadableFile, read_json, write_json
 
@@ -51,7 +51,7 @@ def average_params(trees, weights) -> object:
     return jax.tree.map(avg, *trees)
 
 
-def _manifest(out: Path) -> dict | None:
+def _manifest(out: paths.epath.Path) -> dict | None:
     """The manifest of an earlier `loam.average` output in `out`, or None."""
     try:
         m = read_json(out / MANIFEST)
@@ -60,42 +60,44 @@ def _manifest(out: Path) -> dict | None:
     return m if isinstance(m, dict) and m.get("written_by") == "loam.average" else None
 
 
-def check_out(workdir: Path, out: Path, last: int | None = None) -> dict | None:
+def check_out(workdir: paths.PathLike, out_dir: paths.PathLike,
+              last: int | None = None) -> dict | None:
     """Refuses an --out that would overwrite anything average did not write; returns the
     manifest of its own earlier output there, if any."""
-    workdir, out = workdir.absolute(), out.absolute()
-    fresh = workdir / f"avg_last{last or 'K'}"
-    if out == workdir or out in workdir.parents:
-        raise AverageError(f"--out {out} is the run directory {workdir} or contains it; "
+    ckpt_lib.check_directory(out_dir)
+    run, out = paths.absolute(workdir), paths.absolute(out_dir)
+    fresh = run / f"avg_last{last or 'K'}"
+    if out == run or out in run.parents:
+        raise AverageError(f"--out {out} is the run directory {run} or contains it; "
                            f"averaging never writes over a run. Use a new directory, e.g. "
                            f"--out {fresh}")
-    if (workdir / "checkpoints") in out.parents or out == workdir / "checkpoints":
+    if (run / "checkpoints") in out.parents or out == run / "checkpoints":
         raise AverageError(f"--out {out} is inside the run's checkpoints directory; choose a "
                            f"directory outside it, e.g. {fresh}")
-    if not out.exists():
+    if not paths.exists(out):
         return None
-    if not out.is_dir():
+    if not paths.is_dir(out):
         raise AverageError(f"--out {out} is an existing file; choose a new directory")
     manifest = _manifest(out)
-    if manifest is None and any(out.iterdir()):
+    if manifest is None and paths.iterdir(out):
         raise AverageError(f"--out {out} already exists and was not written by loam.average "
                            "(no averaged.json in it); nothing was changed. Choose a new "
                            "directory, or remove it yourself if it is unwanted")
     return manifest
 
 
-def average_checkpoints(workdir, last: int, weights=None, out=None) -> Path:
-    workdir = Path(workdir).absolute()
+def average_checkpoints(workdir, last: int, weights=None, out=None) -> paths.epath.Path:
+    workdir = paths.absolute(workdir)
     if last < 1:
         raise ValueError(f"--last must be at least 1, got {last}")
     weights = [1.0] * last if weights is None else [float(w) for w in weights]
     if len(weights) != last:
         raise ValueError(f"--weights has {len(weights)} values for --last {last}; give one per "
                          "checkpoint, oldest first")
-    out = Path(out).absolute() if out else workdir / f"avg_last{last}"
+    out = paths.absolute(out) if out else workdir / f"avg_last{last}"
     earlier = check_out(workdir, out, last)
 
-    run = run_lib.open_run(workdir)
+    run = run_lib.open_run(os.fspath(workdir))
     try:
         steps = run.steps()
         if last > len(steps):
@@ -124,36 +126,41 @@ def average_checkpoints(workdir, last: int, weights=None, out=None) -> Path:
     return out
 
 
-def _write(out: Path, workdir: Path, state, meta: dict, step: int, record: dict,
-           replace: bool) -> None:
+def _write(out, workdir, state, meta: dict, step: int, record: dict, replace: bool) -> None:
     """Builds the output next to `out` and renames it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest_last = not paths.is_local(out)  # a rename there is a copy: the manifest commits
+    paths.mkdir(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    paths.mkdir(tmp)
+    manifest = dict(record, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     try:
-        shutil.copy(workdir / "config.json", tmp / "config.json")
+        paths.copy(workdir / "config.json", tmp / "config.json")
         writer = ckpt_lib.Checkpointer(tmp / "checkpoints", keep=1, async_save=False)
         writer.save(step, state, meta)
         writer.wait()
         writer.close()
-        write_json(tmp / MANIFEST, dict(record, time=time.strftime("%Y-%m-%d %H:%M:%S")),
-                   indent=1)
+        if not manifest_last:
+            write_json(tmp / MANIFEST, manifest, indent=1)
         if replace:  # our own earlier output: keep anything else that was added to it
             old = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            if {p.name for p in old.iterdir()} <= _OWN_FILES:
-                shutil.rmtree(old)  # only what an earlier average wrote
+            paths.rename(out, old)
+            paths.rename(tmp, out)
+            if {p.name for p in paths.iterdir(old)} <= _OWN_FILES:
+                paths.remove(old)  # only what an earlier average wrote
             else:
                 print(f"note: the earlier average's directory held other files (e.g. its eval "
                       f"results); kept it as {old}", flush=True)
-        elif out.exists():  # an empty directory: nothing to lose
-            out.rmdir()
-            os.rename(tmp, out)
         else:
-            os.rename(tmp, out)
+            if paths.exists(out):  # an empty directory: nothing to lose
+                paths.remove(out)
+            paths.rename(tmp, out)
+        if manifest_last:
+            write_json(out / MANIFEST, manifest, indent=1)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the temporary directory this call created
+        try:
+            paths.remove(tmp)  # the temporary directory this call created
+        except OSError:
+            pass
         raise
 
 

@@ -13,6 +13,10 @@ fits but fails to restore or fails its fingerprint is damaged: `restore_latest` 
 into `checkpoints/damaged/` (never deletes it; orbax's listing ignores that directory, so the step
 is saved again later) and tries the previous one; if none is intact it stops with
 `CheckpointError` rather than let a run start over.
+
+Checkpoints live on a local path or in Google Cloud Storage (gs://): orbax writes arrays through
+tensorstore, whose kvstore spec it builds for those two only (`gs://` gets tensorstore's gcs
+driver, anything else its file driver); `check_directory` refuses other stores in one line.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from loam import paths
 from loam.cli import UserError, one_line
 
 log = logging.getLogger("loam")
@@ -100,7 +104,23 @@ def _is_disk_full(e: BaseException | None) -> bool:
                               or "No space left on device" in str(e))
 
 
-def _save_failure(directory: Path, step: int | None, e: BaseException) -> BaseException:
+# URL schemes orbax-checkpoint can write arrays to (through tensorstore's kvstore drivers).
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def check_directory(directory: paths.PathLike) -> None:
+    """CheckpointError (one line) if orbax cannot keep checkpoints at `directory`."""
+    s = paths.scheme(directory)
+    if paths.is_local(directory) or s in CHECKPOINT_SCHEMES or s not in paths.PACKAGES:
+        paths.Path(directory)  # an unknown scheme or a missing filesystem package is named here
+        return
+    raise CheckpointError(
+        f"{directory}: orbax-checkpoint saves arrays only to local paths and gs:// (its "
+        f"tensorstore spec has no {s}:// form), so a run cannot keep its checkpoints there. Use "
+        f"gs://, a local path, or the bucket mounted as a local path (the same on every host)")
+
+
+def _save_failure(directory, step: int | None, e: BaseException) -> BaseException:
     """A full disk or an unwritable directory as a CheckpointError naming the fix; anything
     else is returned unchanged (a bug keeps its traceback)."""
     text = one_line(e)
@@ -155,8 +175,9 @@ def _reason(e: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: paths.PathLike, keep: int = 3, async_save: bool = True):
+        check_directory(directory)
+        self.directory = paths.absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         # Handlers registered up front: orbax reads an item's metadata only for known handlers.
@@ -303,7 +324,7 @@ class Checkpointer:
             print(f"WARNING: checkpoint {step} is corrupt or incomplete ({why}); moved it to "
                   f"{dest} and falling back to the previous one", flush=True)
         damaged = self.directory / DAMAGED_DIR
-        if moved or (not self.steps() and damaged.is_dir() and any(damaged.iterdir())):
+        if moved or (not self.steps() and paths.iterdir(damaged)):
             what = (f"every checkpoint in {self.directory} is damaged (steps {moved} moved to "
                     f"{damaged})" if moved else
                     f"{self.directory} holds no intact checkpoint, only damaged ones in {damaged}")
@@ -312,16 +333,16 @@ class Checkpointer:
                 f"into a new workdir; to start this one over from step 0, move {damaged} away")
         return None
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> paths.epath.Path:
         """Renames checkpoint `step` into damaged/ (process 0; the others wait for it)."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         dest = self.directory / DAMAGED_DIR / f"{step}.{stamp}"
         n = 1
-        while dest.exists():
+        while paths.exists(dest):
             dest, n = self.directory / DAMAGED_DIR / f"{step}.{stamp}.{n}", n + 1
         if jax.process_index() == 0:
-            dest.parent.mkdir(exist_ok=True)
-            os.rename(self.directory / str(step), dest)
+            paths.mkdir(dest.parent)
+            paths.rename(self.directory / str(step), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"loam_damaged_{step}")
         self._manager.reload()

@@ -4,19 +4,20 @@
 
 The held-out set is fixed by the config (the validation split of each domain, packed
 deterministically, capped at `config.eval_tokens` tokens per domain), so numbers from different
-steps and runs are comparable. Results go to DIR/eval/step_N.json, eval.jsonl and TensorBoard.
+steps and runs are comparable. Results go to DIR/eval/step_N.json, eval.jsonl and TensorBoard
+(DIR a local path or gs://bucket/run, as loam.train takes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
+import os
 
 import jax
 import numpy as np
 
-from loam import cli
+from loam import cli, paths
 from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
@@ -74,7 +75,7 @@ class Evaluator:
         return self._sets
 
     def run(self, params, step: int, writer: metrics_lib.MetricWriter | None = None,
-            out_dir: Path | None = None) -> dict:
+            out_dir: paths.PathLike | None = None) -> dict:
         per_domain = {}
         for es in self.sets:
             loss_sum = 0.0
@@ -106,8 +107,7 @@ class Evaluator:
         if writer is not None and writer.enabled:  # process 0 of a multi-process run
             writer.write(step, record)
             writer.flush()
-            out = Path(out_dir or writer.workdir / "eval")
-            out.mkdir(parents=True, exist_ok=True)
+            out = paths.mkdir(out_dir or writer.workdir / "eval")
             write_json(out / f"step_{step}.json", record, indent=2)  # never left half-written
         return record
 
@@ -123,10 +123,10 @@ def format_table(record: dict) -> str:
     return f"eval at step {record['eval_step']}\n" + "\n".join(rows)
 
 
-def evaluate_workdir(workdir: str | Path, steps: list[int] | None = None,
+def evaluate_workdir(workdir: paths.PathLike, steps: list[int] | None = None,
                      all_steps: bool = False) -> list[dict]:
     """Evaluates checkpoints of a run directory (default: the newest)."""
-    run = run_lib.open_run(workdir)
+    run = run_lib.open_run(os.fspath(workdir))
     try:
         available = run.steps()
         if not available:

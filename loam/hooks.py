@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loam import metrics as metrics_lib
-from loam import plots
+from loam import paths, plots
 
 
 class Hook:
@@ -150,8 +149,8 @@ class SchedulePlot(Hook):
     """schedule.png: mixture weights and learning rate against step. A static source is drawn
     whole at the start; an adaptive one as realised so far, at every save and at the end."""
 
-    def __init__(self, path: Path, stream, lr_at, steps: int, enabled: bool = True):
-        self.path, self.stream, self.lr_at, self.steps = Path(path), stream, lr_at, steps
+    def __init__(self, path: paths.PathLike, stream, lr_at, steps: int, enabled: bool = True):
+        self.path, self.stream, self.lr_at, self.steps = paths.Path(path), stream, lr_at, steps
         self.enabled = enabled
         self.adaptive = bool(stream.source.adaptive)
         described = stream.source.describe() or {}

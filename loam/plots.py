@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
+from loam import paths
 
-def schedule_plot(path: str | Path, domains, weights_at, lr_at, steps: int,
-                  stage_starts=()) -> Path:
+
+def schedule_plot(path: paths.PathLike, domains, weights_at, lr_at, steps: int,
+                  stage_starts=()) -> paths.epath.Path:
     """Mixture weights (stacked) and learning rate against step, with stage boundaries."""
     import matplotlib
     matplotlib.use("Agg")
@@ -31,7 +33,7 @@ def schedule_plot(path: str | Path, domains, weights_at, lr_at, steps: int,
             for ax in (ax_w, ax_lr):
                 ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return paths.atomic_write(path, png.getvalue())  # one object on a store, whole locally

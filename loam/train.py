@@ -3,10 +3,11 @@
     python -m loam.train --config loam/configs/default.py --workdir runs/default \
         [--config.steps=200]
 
-The run directory receives the resolved config, metrics.jsonl, TensorBoard events, orbax
-checkpoints and eval results. Restarting with the same workdir resumes from the newest intact
-checkpoint and reproduces the uninterrupted run exactly: the batch at step t is a pure function of
-(seed, config, t) and, for an online mixture, of the weights log saved with the data position.
+The run directory (a local path or gs://bucket/run, through loam.paths) receives the resolved
+config, metrics.jsonl, TensorBoard events, orbax checkpoints and eval results. Restarting with
+the same workdir resumes from the newest intact checkpoint and reproduces the uninterrupted run
+exactly: the batch at step t is a pure function of (seed, config, t) and, for an online mixture,
+of the weights log saved with the data position.
 
 The loop is short on purpose: the compiled update (loam.step), the builders (loam.run) and the
 hooks (loam.hooks) do the work; the next step is dispatched before the last step's metrics are
@@ -18,13 +19,12 @@ from __future__ import annotations
 import math
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from loam import checkpoint as ckpt_lib
-from loam import cli, perf
+from loam import cli, paths, perf
 from loam import eval as eval_lib
 from loam import hooks as hooks_lib
 from loam import metrics as metrics_lib
@@ -71,13 +71,13 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _has_checkpoints(directory: Path) -> bool:
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+def _has_checkpoints(directory: paths.epath.Path) -> bool:
+    return any(p.name.isdigit() for p in paths.iterdir(directory))
 
 
-def _check_resume(config, workdir: Path) -> None:
+def _check_resume(config, workdir: paths.epath.Path) -> None:
     """Refuses, before anything is written, a config that cannot continue the run in workdir."""
-    if not (workdir / "config.json").exists():
+    if not paths.exists(workdir / "config.json"):
         return
     try:
         saved = run_lib.read_config(workdir)
@@ -92,27 +92,24 @@ def _check_resume(config, workdir: Path) -> None:
         raise TrainingError(f"cannot resume {workdir}: {problem}")
 
 
-def train(config, workdir: str | Path) -> dict | None:
+def train(config, workdir: paths.PathLike) -> dict | None:
     """Runs (or resumes) training; returns the final eval record ({"preempted_at": step} after
     a SIGTERM)."""
     preemption = Preemption()
     try:
         config, notes = run_lib.resolve_config(config)
-        if "://" in str(workdir):  # Path("gs://b/run") would silently become ./gs:/b/run
-            raise TrainingError(
-                f"--workdir {workdir}: object-store run directories are not supported yet (the "
-                "lock, metrics and config files are written with local file operations); use a "
-                "local path or a mounted bucket (e.g. gcsfuse), the same path on every host")
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        with workdir_lock(workdir):
-            _check_resume(config, workdir)
-            return _train(config, workdir, notes, preemption)
+        # A store orbax cannot write checkpoints to is refused before anything is created.
+        ckpt_lib.check_directory(workdir)
+        run = paths.mkdir(workdir)
+        with workdir_lock(run):
+            _check_resume(config, run)
+            return _train(config, run, notes, preemption)
     finally:
         preemption.restore()
 
 
-def _train(config, workdir: Path, notes: list, preemption: Preemption) -> dict | None:
+def _train(config, workdir: paths.epath.Path, notes: list,
+           preemption: Preemption) -> dict | None:
     is_main = jax.process_index() == 0
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -196,6 +193,7 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
                                            "seed": int(config.seed),
                                            "schedule": stream.source.describe(),
                                            "hooks": hooks.on_save(step_no)}, force=force)
+        writer.flush()  # the metrics of every saved step are durable (uploaded, on a store)
 
     def evaluate(step_no: int) -> dict:
         t = time.time()

@@ -189,11 +189,3 @@ def test_a_full_disk_fails_clearly_and_keeps_what_was_saved(reference_run, tmp_p
     finally:
         subprocess.run(["umount", "-l", str(mount)])
 
-
-def test_an_object_store_workdir_is_refused_before_anything_runs(tmp_path):
-    """`gs://bucket/run` would become the local path ./gs:/bucket/run, train, then fail at the
-    first checkpoint: it is refused at once instead, and nothing is created."""
-    proc = run_train("gs://bucket/run", check=False, cwd=tmp_path)
-    line = one_error_line(proc)
-    assert "gs://bucket/run" in line and "not supported" in line
-    assert not (tmp_path / "gs:").exists()
