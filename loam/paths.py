@@ -10,10 +10,10 @@ adlfs, huggingface_hub: whichever is installed). A scheme with no filesystem her
 package is missing, is refused in one line naming what to install.
 
 Object stores are not POSIX: an object is written whole (a single PUT is atomic, a rename is a
-copy), never appended, and no lock survives a process. The helpers below say which operation a
-caller can rely on: `atomic_write` (temp file + rename locally, one PUT on a store) and
-`create_new` (create-if-absent: O_EXCL locally, a generation / If-None-Match precondition on a
-store) are the two primitives the run directory's lock, config and result files build on.
+copy), never appended to, and nothing releases a lock when its process dies. Two primitives say
+what a caller can rely on, and the run directory's lock, config and result files build on them:
+`atomic_write` (temp file + rename locally, one PUT on a store) and `create_new`
+(create-if-absent: O_EXCL locally, a generation / If-None-Match precondition on a store).
 
 epath reaches `gs://` through TensorFlow's gfile when TensorFlow is installed, importing it
 (seconds and gigabytes) and using a second storage client; loam sets `EPATH_USE_TF=false` (unless
@@ -70,7 +70,7 @@ def _check_scheme(text: str) -> None:
                         f"(pip install {PACKAGES[s]}) and rerun") from None
 
 
-def Path(path: PathLike, *more: str) -> epath.Path:  # noqa: N802 - a path type's constructor
+def Path(path: PathLike, *more: str) -> epath.Path:
     """The path `path / more...` as an epath.Path (local, or a URL whose package is here)."""
     if isinstance(path, epath.Path) and not more:
         return path
@@ -131,7 +131,7 @@ def glob(pattern: PathLike) -> list[epath.Path]:
     return [Path(prefix + x) for x in sorted(fs.glob(inner))]
 
 
-def open(path: PathLike, mode: str = "r") -> IO:  # noqa: A001 - the path layer's open
+def open(path: PathLike, mode: str = "r") -> IO:
     """A file object; on an object store, "w" writes the object whole at close (no "a")."""
     p = Path(path)
     if not is_local(p) and "a" in mode:
