@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -16,6 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from loam import checkpoint as ckpt_lib
+from loam import paths
 from loam import step as step_lib
 from loam.data import catalog as catalog_lib
 from loam.data import objectives
@@ -121,14 +121,14 @@ def copy_config(config) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run directory was trained with."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
+    path = paths.Path(workdir) / "config.json"
+    if not paths.exists(path):
         raise FileNotFoundError(f"{path} not found: the directory must be a loam run directory "
                                 "(created by python -m loam.train)")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the timestamped "
                           "copy next to it (config.*.json) or retrain") from None
@@ -154,6 +154,26 @@ def _get(config, dotted: str):
 ADDED_LATER = {"mixing": {"method": "static"},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
                "data.tokenizer": "bundled"}
+
+
+def with_added_later(config: dict) -> dict:
+    """A config (as a JSON dict) saved before some fields existed, with those fields set to what
+    the run meant then (``ADDED_LATER``; dotted names are nested fields)."""
+    out = json.loads(json.dumps(config))
+    for field, value in ADDED_LATER.items():
+        node = out
+        *parents, leaf = field.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    return out
+
+
+def comparable(config: dict) -> dict:
+    """A config (JSON dict) as a run would resolve it: two configs that train the same run
+    compare equal, however each was written or whenever it was saved."""
+    resolved, _ = resolve_config(ml_collections.ConfigDict(with_added_later(config)))
+    return json.loads(resolved.to_json_best_effort())
 
 
 def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str | None:
@@ -253,7 +273,7 @@ def build_train_step(config, model, optimizer, mesh, state_shardings):
 @dataclasses.dataclass
 class Run:
     """A run directory opened for reading: its config, model, mesh and checkpoints."""
-    workdir: Path
+    workdir: paths.epath.Path
     config: ml_collections.ConfigDict
     model: Transformer
     mesh: Mesh
@@ -282,11 +302,11 @@ class Run:
         self.checkpointer.close()
 
 
-def open_run(workdir: str | Path, devices=None) -> Run:
+def open_run(workdir: paths.PathLike, devices=None) -> Run:
     """A run directory's config, model, mesh and checkpointer, ready to restore any step. The
     mesh is the run's own unless it does not fit these devices (then all devices, data-parallel)."""
-    workdir = Path(workdir)
-    config = read_config(workdir)
+    run_dir = paths.Path(workdir)
+    config = read_config(run_dir)
     model = build_model(config)
     try:
         mesh = build_mesh(config, devices)
@@ -294,11 +314,11 @@ def open_run(workdir: str | Path, devices=None) -> Run:
         mesh = sharding.make_mesh(-1, 1, 1, devices=devices)
     abstract, _ = step_lib.abstract_state(model, build_optimizer(config), mesh,
                                           config.data.seq_len)
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-    return Run(workdir, config, model, mesh, checkpointer, abstract)
+    checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", async_save=False)
+    return Run(run_dir, config, model, mesh, checkpointer, abstract)
 
 
-def load_params(workdir: str | Path, step: int | None = None, devices=None):
+def load_params(workdir: paths.PathLike, step: int | None = None, devices=None):
     """(params, run, step): the parameters of one checkpoint (default: the newest), without the
     optimizer state and on any number of devices. What a notebook or an evaluator calls."""
     run = open_run(workdir, devices)

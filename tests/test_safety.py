@@ -394,7 +394,7 @@ def test_sweep_collect_names_a_truncated_eval_and_goes_on(tmp_path):
         (d / "checkpoints" / "3").mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(run.config))
         record = json.dumps({"per_domain": {dom: {"loss": 3.0 + i}
-                                            for dom in run.config["data"]["domains"]}})
+                                            for dom in ("code", "docs")}})
         (d / "eval").mkdir()
         (d / "eval" / "step_3.json").write_text(record if i == 0 else record[:40])
     proc = run_cli("loam.sweep", "--config", cfg, "--workdir", work, "--collect")

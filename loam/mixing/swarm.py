@@ -350,11 +350,11 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
     # The member loop is part of what a swarm computed (map and vmap differ in the last float
     # bits), so a resume keeps the loop the swarm started with, on any backend.
     saved_loop = None
-    if saved is not None:  # swarms made before these fields existed: their meaning then
+    if saved is not None:  # swarms made before some fields existed: compared as they meant then
         saved_loop = saved.pop("member_loop", "vmap")
-        for field, value in run_lib.ADDED_LATER.items():
-            saved.get("config", {}).setdefault(field, value)
-    if saved is not None and saved != json.loads(json.dumps(spec)):
+        saved["config"] = run_lib.comparable(saved.get("config", {}))
+    if saved is not None and saved != {**json.loads(json.dumps(spec)),
+                                       "config": run_lib.comparable(spec["config"])}:
         raise ValueError(f"{workdir} holds a different swarm (swarm.json differs: other members "
                          "or config); use a new workdir or restore the original settings")
     if member_loop and saved_loop and member_loop != saved_loop:
