@@ -22,9 +22,13 @@ the environment says otherwise) so that every URL goes through fsspec.
 
 from __future__ import annotations
 
+import glob as glob_lib
 import os
 import re
+import shutil
 from typing import IO, Any
+
+import fsspec
 
 from loam.cli import UserError
 
@@ -61,7 +65,6 @@ def _check_scheme(text: str) -> None:
         known = ", ".join(f"{k}://" for k in PACKAGES)
         raise PathError(f"{text}: {s}:// paths are not supported; use a local path or one of "
                         f"{known} (with its filesystem package installed)")
-    import fsspec
 
     try:
         fsspec.get_filesystem_class(s)
@@ -89,7 +92,6 @@ def absolute(path: PathLike) -> epath.Path:
 
 def filesystem(path: PathLike) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for the operations epath does not offer."""
-    import fsspec
 
     p = Path(path)
     return fsspec.core.url_to_fs(os.fspath(p))
@@ -122,7 +124,6 @@ def glob(pattern: PathLike) -> list[epath.Path]:
     """Paths matching `pattern` (wildcards in its last parts), sorted."""
     p = Path(pattern)
     if is_local(p):
-        import glob as glob_lib
 
         return [Path(x) for x in sorted(glob_lib.glob(os.fspath(p)))]
     fs, inner = filesystem(p)
@@ -241,7 +242,6 @@ def remove(path: PathLike, missing_ok: bool = True) -> None:
     """Deletes a file, or a directory and everything under it."""
     p = Path(path)
     if is_local(p):
-        import shutil
 
         if p.is_dir():
             shutil.rmtree(p)
