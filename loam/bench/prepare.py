@@ -114,7 +114,7 @@ def sources_for(corpus: dict, fraction_replicas: int | None = None) -> dict[str,
 # ---------------------------------------------------------------------------------- children
 
 def _child_plain(args: dict) -> dict:
-
+    vocab.set_encode_threads(args.get("threads", -1))
     tok = vocab.get_tokenizer("bundled")
     tokens = documents = 0
     start = time.perf_counter()
@@ -176,8 +176,8 @@ def _child_stream(args: dict) -> dict:
 _CHILDREN = {"plain": _child_plain, "prepare": _child_prepare, "stream": _child_stream}
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (from /proc)."""
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """Resident bytes of `pid` and all its descendants (from /proc), and of the largest one."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
@@ -192,12 +192,13 @@ def _tree_rss(pid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [pid]
+    total, largest, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         total += rss.get(p, 0)
+        largest = max(largest, rss.get(p, 0))
         todo += children.get(p, [])
-    return total
+    return total, largest
 
 
 def run_child(mode: str, args: dict) -> dict:
@@ -207,13 +208,14 @@ def run_child(mode: str, args: dict) -> dict:
                                                                               **args})]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_one = 0
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_one
         while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            total, largest = _tree_rss(proc.pid)
+            peak, peak_one = max(peak, total), max(peak_one, largest)
             stop.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -225,6 +227,7 @@ def run_child(mode: str, args: dict) -> dict:
         raise RuntimeError(f"{mode} measurement failed (exit {proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = round(peak / MB, 1)
+    result["peak_rss_mb_one_process"] = round(peak_one / MB, 1)
     result["wall_s"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -273,7 +276,8 @@ def main(argv=None) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="prepared-", dir=workdir))
     report: dict = {"corpus_bytes": corpus["corpus_bytes"]}
     try:
-        plain = run_child("plain", {"sources": full})
+        plain = run_child("plain", {"sources": full, "threads": -1})
+        plain_1 = run_child("plain", {"sources": full, "threads": 1})
         runs = {}
         for label, srcs, workers in (("100pct_1", full, 1), ("100pct_2", full, 2),
                                      ("10pct_2", small, 2), ("10pct_1", small, 1)):
@@ -299,13 +303,18 @@ def main(argv=None) -> dict:
     def rate(r):
         return r["tokens"] / r["seconds"]
 
-    plain_rate = rate(plain)
+    plain_rate, plain_1_rate = rate(plain), rate(plain_1)
     report.update({
         "tokens_per_s_1_worker": rate(runs["100pct_1"]),
         "tokens_per_s_2_workers": rate(runs["100pct_2"]),
-        "plain_loop_tokens_per_s": plain_rate,
-        "ratio_1_worker_to_plain": rate(runs["100pct_1"]) / plain_rate,
-        "ratio_per_worker_2_workers_to_plain": rate(runs["100pct_2"]) / 2 / plain_rate,
+        # The plain loop encodes as a worker does: one thread (several workers are the
+        # parallelism); with every core, as the single in-process worker encodes.
+        "plain_loop_tokens_per_s": plain_1_rate,
+        "plain_loop_tokens_per_s_all_threads": plain_rate,
+        "ratio_1_worker_to_plain_all_threads": rate(runs["100pct_1"]) / plain_rate,
+        "ratio_per_worker_2_workers_to_plain": rate(runs["100pct_2"]) / 2 / plain_1_rate,
+        "prepare_peak_rss_mb_one_process": {k: r["peak_rss_mb_one_process"]
+                                            for k, r in runs.items()},
         "prepare_peak_rss_mb_10pct": runs["10pct_2"]["peak_rss_mb"],
         "prepare_peak_rss_mb_100pct": runs["100pct_2"]["peak_rss_mb"],
         "prepare_peak_rss_mb_10pct_1_worker": runs["10pct_1"]["peak_rss_mb"],

@@ -568,13 +568,16 @@ def _import_beam():
 class _PrepareUnit:
     """DoFn body: (domain, unit) -> (domain, shard.json or an error), in a worker."""
 
-    def __init__(self, tokenizer_spec: str, tokenizer_fingerprint: str, dirs: dict[str, str]):
+    def __init__(self, tokenizer_spec: str, tokenizer_fingerprint: str, dirs: dict[str, str],
+                 threads: int = -1):
         self.tokenizer_spec, self.tokenizer_fingerprint = tokenizer_spec, tokenizer_fingerprint
         self.dirs = dirs
+        self.threads = threads
         self._tokenizer: Any = None
 
     def tokenizer(self):
         if self._tokenizer is None:
+            vocab_lib.set_encode_threads(self.threads)
 
             tok = vocab_lib.get_tokenizer(self.tokenizer_spec)
             if tok.fingerprint != self.tokenizer_fingerprint:
@@ -625,13 +628,13 @@ class _Finalize:
 
 
 def _run_pipeline(todo: dict, fingerprints: dict[str, str], tokenizer, root: str,
-                  options) -> dict[str, dict]:
+                  options, threads: int = -1) -> dict[str, dict]:
     beam = _import_beam()
 
     report_dir = _join(root, f".prepare-{uuid.uuid4().hex[:12]}")
     dirs = {d: path for d, (_, path, _) in todo.items()}
     srcs = {d: source for d, (source, _, _) in todo.items()}
-    unit_fn = _PrepareUnit(tokenizer.spec, tokenizer.fingerprint, dirs)
+    unit_fn = _PrepareUnit(tokenizer.spec, tokenizer.fingerprint, dirs, threads)
     elements = [(d, u) for d, (_, _, units) in todo.items() for u in units]
     try:
         with beam.Pipeline(options=options) as p:
@@ -679,8 +682,12 @@ def prepare(sources: Mapping[str, sources_lib.Source], tokenizer, root=None, *,
         else:
             todo[domain] = (source, path, sources_lib.units(source))
     if todo:
+        # One worker in this process encodes on every core; several workers (or a cluster's)
+        # encode one thread each: the workers are the parallelism.
+        alone = runner in ("DirectRunner", "direct") and (num_workers or os.cpu_count()) == 1
         reports = _run_pipeline(todo, fingerprints, tokenizer, root,
-                                pipeline_options(runner, num_workers, beam_args))
+                                pipeline_options(runner, num_workers, beam_args),
+                                threads=-1 if alone else 1)
         failed = {d: r["errors"] for d, r in reports.items() if not r["ok"]}
         if failed:
             lines = [("" if errs[0].startswith(f"domain {d!r}") else f"domain {d!r}: ")

@@ -92,6 +92,20 @@ def sentinel_id(i: int) -> int:
     return VOCAB_SIZE - 1 - i
 
 
+# Threads a batch encode may use: -1, the library's default (every core); 1 in the workers of a
+# preparation pipeline, where the workers are the parallelism (see set_encode_threads).
+_ENCODE_THREADS = -1
+
+
+def set_encode_threads(n: int) -> None:
+    """Threads per batch encode in this process: 1 where several processes encode at once
+    (Beam workers), -1 for every core."""
+    global _ENCODE_THREADS
+    _ENCODE_THREADS = int(n)
+    if n == 1:  # Hugging Face tokenizers: its batch encode's thread pool
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 class Tokenizer(Protocol):
     """What loam needs of a tokenizer (`Vocabulary` and `HFTokenizer` implement it)."""
 
@@ -297,7 +311,7 @@ class Vocabulary:
         return i if self._has(piece, i) else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts, out_type=int)
+        return self._sp.encode(texts, out_type=int, num_threads=_ENCODE_THREADS)
 
     def decode(self, ids) -> str:
         skip = {self.pad_id, self.eos_id}
