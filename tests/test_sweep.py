@@ -18,9 +18,11 @@ import pytest
 
 from loam import sweep
 from loam.configs import default
+from loam.data.corpora import DOMAIN_NAMES
 from loam.model import sizes
 
 ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = list(DOMAIN_NAMES)  # the default config's sources: every run's eval domains
 
 
 def _sweep(axes, **extra):
@@ -180,7 +182,7 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, ca
     header = list(next(iter(rows.values())))
     for col in ["run_id", "status", "seed", "optim.schedule", "N", "N_total", "D", "C", "C_attn",
                 "loss", "wall_seconds", "error"] + [
-                    f"loss/{d}" for d in runs[0].config["data"]["domains"]]:
+                    f"loss/{d}" for d in DOMAINS]:
         assert col in header, col
     ok, bad = [rows[r.run_id] for r in runs[:2]], rows[runs[2].run_id]
     nano = sizes.count_params(sizes.get_size("nano", 8192, tied_embeddings=False))
@@ -190,7 +192,7 @@ def test_micro_sweep_resumes_skips_finished_runs_and_marks_failures(tmp_path, ca
         assert int(row["D"]) == 3 * 4 * 32
         assert float(row["C"]) == 6 * int(row["N"]) * int(row["D"])
         assert float(row["C_attn"]) > float(row["C"])
-        domain_losses = [float(row[f"loss/{d}"]) for d in runs[0].config["data"]["domains"]]
+        domain_losses = [float(row[f"loss/{d}"]) for d in DOMAINS]
         assert abs(float(row["loss"]) - sum(domain_losses) / 5) < 1e-9
         assert float(row["wall_seconds"]) > 0
     assert bad["status"] == "failed" and "bogus" in bad["error"] and bad["loss"] == ""
@@ -323,7 +325,7 @@ def test_a_run_saved_with_its_resolved_config_counts_as_finished(tmp_path):
     (d / "checkpoints" / "3").mkdir(parents=True)
     (d / "eval").mkdir()
     (d / "eval" / "step_3.json").write_text(json.dumps(
-        {"per_domain": {dom: {"loss": 3.0} for dom in r.config["data"]["domains"]}}))
+        {"per_domain": {dom: {"loss": 3.0} for dom in DOMAINS}}))
     resolved, notes = run_lib.resolve_config(ml_collections.ConfigDict(r.config))
     assert notes and resolved.optim.warmup_steps == 0
     (d / "config.json").write_text(resolved.to_json_best_effort())

@@ -22,6 +22,8 @@ from loam.data.shards import PreparedDomain
 
 
 def _prepared_root(prepared_dir=None) -> str:
+    """Where prepared domains live: the config's data.prepared_dir, else $LOAM_CACHE_DIR/prepared,
+    else ~/.cache/loam/prepared (read when a catalog is made: part of its cache key)."""
     if prepared_dir:
         return str(prepared_dir)
     env = os.environ.get("LOAM_CACHE_DIR")
@@ -120,14 +122,16 @@ def for_config(config) -> Catalog:
     data = config.data
     parsed = sources_lib.from_config(config)
     return _cached(tuple(parsed.values()), data.get("tokenizer") or "bundled",
-                   data.get("prepared_dir") or None, os.environ.get("LOAM_DATA_DIR"))
+                   _prepared_root(data.get("prepared_dir") or None),
+                   os.environ.get("LOAM_DATA_DIR"))
 
 
 def default(data_dir=None) -> Catalog:
     """The bundled five (read from ``data_dir``, $LOAM_DATA_DIR or the bundled slices)."""
     parsed = {n: sources_lib.parse(n, {"source": spec, "data_dir": str(data_dir)} if data_dir
                                    else spec) for n, spec in default_specs().items()}
-    return _cached(tuple(parsed.values()), "bundled", None, os.environ.get("LOAM_DATA_DIR"))
+    return _cached(tuple(parsed.values()), "bundled", _prepared_root(None),
+                   os.environ.get("LOAM_DATA_DIR"))
 
 
 def mixture_domains(config) -> list[str]:
