@@ -83,20 +83,35 @@ def domain_view(metrics: dict, domain_ids: Sequence[int]) -> tuple[np.ndarray, n
 
 class MixtureFeedback(Hook):
     """Hands every step's per-domain training losses to the stream's weight source (an online
-    mixing controller); the stream decides when the source may see them (its feedback delay)."""
+    mixing controller); the stream decides when the source may see them (its feedback delay).
 
-    def __init__(self, stream):
-        self.stream = stream
+    A source may learn from another per-domain sum of the step's metrics (its
+    ``feedback_metric``, e.g. DoReMi's excess loss); a loop passes ``metric`` when its step
+    computes that sum, and a source whose sum the loop does not compute is refused here, before
+    the first step.
+    """
+
+    def __init__(self, stream, metric: str = "domain_loss_sum"):
+        self.stream, self.metric = stream, metric
         self.domain_ids = [int(i) for i in stream.domain_ids]
+        wanted = getattr(stream.source, "feedback_metric", "domain_loss_sum")
+        if wanted != metric:
+            raise ValueError(
+                f"the weight source {type(stream.source).__name__} learns from {wanted!r}, "
+                f"which this training loop does not compute"
+                f"{getattr(stream.source, 'feedback_hint', '')}")
 
     def after_step(self, step, metrics):
         loss_sums, tokens = domain_view(metrics, self.domain_ids)
+        if self.metric != "domain_loss_sum":
+            loss_sums = np.asarray(metrics[self.metric], np.float64)[..., self.domain_ids]
         self.stream.observe(step, loss_sums, tokens)
 
 
 class MetricLogger(Hook):
     """metrics.jsonl + TensorBoard every ``log_every`` steps: loss per domain, learning rate,
-    throughput and MFU, mixture weights, and tokens consumed against the plan."""
+    throughput and MFU, mixture weights, tokens consumed against the plan, and whatever the
+    weight source reports of the step (its ``metrics_at(step)``, e.g. DoReMi's weights)."""
 
     def __init__(self, writer: metrics_lib.MetricWriter, stream, steps: int, log_every: int,
                  flops_per_token: float, peak_flops: float, start: int = 0):
@@ -141,6 +156,9 @@ class MetricLogger(Hook):
             "rows_consumed": dict(zip(self.domains, map(int, stats["rows"]))),
             "epochs_consumed": dict(zip(self.domains, map(float, stats["epochs"]))),
         }
+        source_metrics = getattr(self.stream.source, "metrics_at", None)
+        if source_metrics is not None:
+            record.update(source_metrics(step))
         self.writer.write(step_no, record)
         self.progress.update(step_no, f"loss {loss:.3f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s")
 

@@ -5,10 +5,13 @@ per-domain sums). The trainer jits it with the state donated and sharded by the 
 the proxy swarm vmaps the very same function over its members (with a freeze mask), so a swarm
 member equals a single run by construction. Per-domain loss sums and token counts come back
 with every step so the loop can log loss per domain and mixing controllers can read them.
+A batch may carry per-token loss weights, and a fixed reference model may run in the same step
+(DoReMi's excess loss); neither changes what the per-domain sums report.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, cast
@@ -102,16 +105,29 @@ def current_lr(opt_state) -> jax.Array:
 
 # --------------------------------------------------------------------------- loss
 
-def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float = 0.0):
-    """(objective, aux): weighted sums, not means, so microbatches add up to the full batch
-    exactly; aux holds loss_sum, tokens, per-domain domain_loss_sum / domain_tokens
-    ([num_domains]) and z_loss_sum."""
+def token_nll(params, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(nll_BxL, logsumexp_BxL) of every position, in float32."""
     logits_BxLxV = cast(jax.Array, model.apply(
         {"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
         positions=batch["positions"], prefix=batch["prefix"])).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_BxL = lse_BxL - target_BxL
+    return lse_BxL - target_BxL, lse_BxL
+
+
+def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: float = 0.0,
+              reference: tuple[nn.Module, Any] | None = None):
+    """(objective, aux): weighted sums, not means, so microbatches add up to the full batch
+    exactly; aux holds loss_sum, tokens, per-domain domain_loss_sum / domain_tokens
+    ([num_domains]) and z_loss_sum.
+
+    A batch may carry ``token_weights`` [B, L] (loss-reweighting methods such as DoReMi): the
+    objective's loss term becomes Σ token_weights·loss_weights·nll while every aux sum stays
+    unweighted, so logs and mixing controllers read the same losses with or without it.
+    ``reference`` = (model, params) of a fixed model run without gradients in the same pass:
+    aux["domain_excess_sum"] is then the per-domain Σ max(nll - reference nll, 0).
+    """
+    nll_BxL, lse_BxL = token_nll(params, model, batch)
     w_BxL = batch["loss_weights"].astype(jnp.float32)
     domains = batch["domain_ids"].reshape(-1)
     aux = {
@@ -123,7 +139,18 @@ def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: 
                                              num_segments=num_domains),
         "z_loss_sum": jnp.sum(jnp.square(lse_BxL) * w_BxL),
     }
-    objective = aux["loss_sum"] + z_loss * aux["z_loss_sum"]
+    if reference is not None:
+        ref_model, ref_params = reference
+        ref_nll_BxL, _ = token_nll(jax.lax.stop_gradient(ref_params), ref_model, batch)
+        excess_BxL = jnp.maximum(jax.lax.stop_gradient(nll_BxL) - ref_nll_BxL, 0.0)
+        aux["domain_excess_sum"] = jax.ops.segment_sum((excess_BxL * w_BxL).reshape(-1),
+                                                       domains, num_segments=num_domains)
+    if "token_weights" in batch:
+        tw_BxL = w_BxL * batch["token_weights"].astype(jnp.float32)
+        loss_term = jnp.sum(nll_BxL * tw_BxL)
+    else:
+        loss_term = aux["loss_sum"]
+    objective = loss_term + z_loss * aux["z_loss_sum"]
     return objective, aux
 
 
@@ -148,9 +175,11 @@ def _split_microbatches(batch: Batch, accum_steps: int, mesh: Mesh) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh):
-    """Gradient of the summed objective and aux sums, accumulated over microbatches."""
-    grad_fn = jax.grad(lambda p, b: loss_sums(p, model, b, num_domains, z_loss), has_aux=True)
+def _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh, reference=None):
+    """Gradient of the summed objective and aux sums, accumulated over microbatches (which
+    split every per-token feature, token_weights included, like the rest of the batch)."""
+    grad_fn = jax.grad(lambda p, b: loss_sums(p, model, b, num_domains, z_loss, reference),
+                       has_aux=True)
     if accum_steps == 1:
         return grad_fn(params, batch)
     micro = _split_microbatches(batch, accum_steps, mesh)
@@ -178,12 +207,18 @@ class OnMesh:
 
 def update(state: TrainState, batch: Batch, *, model: nn.Module,
            optimizer: optax.GradientTransformation, num_domains: int, z_loss: float = 0.0,
-           accum_steps: int = 1, mesh: Mesh | None = None, alive: jax.Array | None = None
+           accum_steps: int = 1, mesh: Mesh | None = None, alive: jax.Array | None = None,
+           reference_params: Any = None, reference_model: nn.Module | None = None
            ) -> tuple[TrainState, dict]:
     """One optimizer update; pure, so it can be jitted (a run) or vmapped (a swarm).
 
     metrics: loss (mean over weighted tokens, without z-loss), tokens, domain_loss_sum and
     domain_tokens ([num_domains]), grad_norm (before clipping), lr (of this update), z_loss.
+
+    The gradient is that of Σ token_weights·nll / Σ loss_weights when the batch carries
+    ``token_weights`` (see ``loss_sums``): the normaliser stays the token count, so weights of 1
+    are today's update. ``reference_params`` (of ``reference_model``, default ``model``) adds
+    metrics["domain_excess_sum"], the reference's loss computed in the same compiled step.
 
     ``alive`` (a swarm member's flag) turns on the freeze mask: the update is applied only if
     the member is alive and its loss, gradient and update are finite (an update whose squared
@@ -195,7 +230,10 @@ def update(state: TrainState, batch: Batch, *, model: nn.Module,
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     if accum_steps > 1 and mesh is None:
         raise ValueError("gradient accumulation needs the mesh its microbatches are spread over")
-    grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps, mesh)
+    reference = (None if reference_params is None
+                 else (model if reference_model is None else reference_model, reference_params))
+    grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps, mesh,
+                            reference)
     denom = jnp.maximum(aux["tokens"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -209,6 +247,8 @@ def update(state: TrainState, batch: Batch, *, model: nn.Module,
     }
     if z_loss:
         metrics["z_loss"] = aux["z_loss_sum"] / denom
+    if reference is not None:
+        metrics["domain_excess_sum"] = aux["domain_excess_sum"]
     if alive is None:
         params = optax.apply_updates(state.params, updates)
     else:
@@ -222,19 +262,34 @@ def update(state: TrainState, batch: Batch, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, num_domains: int, z_loss: float = 0.0,
-                    accum_steps: int = 1) -> OnMesh:
-    """`update` jitted: (state, batch) -> (state, metrics), state donated and sharded."""
+                    accum_steps: int = 1, reference_model: nn.Module | None = None,
+                    reference_shardings: Any = None) -> OnMesh:
+    """`update` jitted: (state, batch) -> (state, metrics), state donated and sharded.
+
+    With ``reference_shardings`` (the parameter shardings of ``reference_model``, default
+    ``model``) the step takes a third argument, ``reference_params``, run forward without
+    gradients in the same compiled step (metrics["domain_excess_sum"]).
+    """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    one = functools.partial(update, model=model, optimizer=optimizer, num_domains=num_domains,
+                            z_loss=z_loss, accum_steps=accum_steps, mesh=mesh)
+    out_shardings = (state_shardings, shd.replicated(mesh))
+    if reference_shardings is None:
+        def train_step(state: TrainState, batch: Batch):
+            return one(state, batch)
 
-    def train_step(state: TrainState, batch: Batch):
-        return update(state, batch, model=model, optimizer=optimizer, num_domains=num_domains,
-                      z_loss=z_loss, accum_steps=accum_steps, mesh=mesh)
+        jitted = jax.jit(train_step, in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+                         out_shardings=out_shardings, donate_argnums=0)
+        return OnMesh(jitted, mesh)
 
-    jitted = jax.jit(train_step,
-                     in_shardings=(state_shardings, shd.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, shd.replicated(mesh)),
-                     donate_argnums=0)
+    def reference_step(state: TrainState, batch: Batch, reference_params):
+        return one(state, batch, reference_params=reference_params,
+                   reference_model=reference_model)
+
+    jitted = jax.jit(reference_step, in_shardings=(state_shardings, shd.batch_sharding(mesh),
+                                                   reference_shardings),
+                     out_shardings=out_shardings, donate_argnums=0)
     return OnMesh(jitted, mesh)
 
 

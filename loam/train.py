@@ -31,6 +31,7 @@ from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import curriculum
+from loam.mixing.online import doremi
 from loam.model import sharding, sizes
 from loam.workdir import save_config, workdir_lock
 
@@ -131,26 +132,62 @@ def _train(config, workdir: paths.epath.Path, notes: list,
             stream.load_state(meta["data"])  # checks the position; restores an online log
             hook_state = meta.get("hooks")
             print(f"resumed from checkpoint at step {start}", flush=True)
+        # DoReMi's reference model, at the step the run started with (restored with the source).
+        reference = (doremi.load_reference(stream.source, mesh, config.data.seq_len)
+                     if isinstance(stream.source, doremi.DoReMi) else None)
         # Everything is validated: only now does the run directory change.
         if is_main:
             save_config(workdir, config)
         return _loop(config, workdir, model, mesh, stream, state, shardings, optimizer,
-                     checkpointer, start, schedule_change, hook_state, preemption)
+                     checkpointer, start, schedule_change, hook_state, preemption, reference)
     finally:
         checkpointer.wait()
         checkpointer.close()
 
 
+def _token_weight_table(stream, num_domains: int):
+    """step -> per-domain loss multipliers indexed by domain id (1 for domains the source does
+    not weight), or None when the weight source reweights no tokens."""
+    weights_of = getattr(stream.source, "token_weights", None)
+    if weights_of is None:
+        return None
+    ids = dict(zip(stream.names, (int(i) for i in stream.domain_ids)))
+    cols = [ids[d] for d in stream.source.domains]
+
+    def table(step: int) -> np.ndarray:
+        out = np.ones(num_domains, np.float32)
+        out[cols] = weights_of(step)
+        return out
+    return table
+
+
+def _reference_step(config, model, optimizer, mesh, shardings, reference: doremi.Reference):
+    """(state, batch) -> (state, metrics) with the reference model run in the same step."""
+    step = step_lib.make_train_step(
+        model, optimizer, mesh, shardings, run_lib.num_domains(config),
+        z_loss=config.optim.z_loss, accum_steps=config.optim.accum_steps,
+        reference_model=reference.model, reference_shardings=reference.shardings)
+
+    def train_step(state, batch):
+        return step(state, batch, reference.params)
+    return train_step
+
+
 def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, checkpointer,
-          start, schedule_change, hook_state, preemption) -> dict | None:
+          start, schedule_change, hook_state, preemption, reference=None) -> dict | None:
     is_main = jax.process_index() == 0
     steps = int(config.steps)
-    train_step = run_lib.build_train_step(config, model, optimizer, mesh, shardings)
+    train_step = (run_lib.build_train_step(config, model, optimizer, mesh, shardings)
+                  if reference is None else
+                  _reference_step(config, model, optimizer, mesh, shardings, reference))
     batch_sharding = sharding.batch_sharding(mesh)
     global_shape = (config.data.batch_size, config.data.seq_len)
+    token_weight_table = _token_weight_table(stream, run_lib.num_domains(config))
 
     def device_batch(step: int):
-        local = stream.batch(step)
+        local = stream.batch(step)  # proposes the step's weights (and token weights)
+        if token_weight_table is not None:
+            local = dict(local, token_weights=token_weight_table(step)[local["domain_ids"]])
         return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v),
                                                           global_shape)
                 for k, v in local.items()}
@@ -165,7 +202,9 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
               f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
               f"steps {start}->{steps}", flush=True)
     hooks = hooks_lib.Hooks([
-        hooks_lib.MixtureFeedback(stream) if stream.source.adaptive else None,
+        hooks_lib.MixtureFeedback(
+            stream, "domain_loss_sum" if reference is None else "domain_excess_sum")
+        if stream.source.adaptive else None,
         hooks_lib.MetricLogger(writer, stream, steps, config.log_every,
                                sizes.flops_per_token(model_cfg, config.data.seq_len),
                                perf.matmul_peak_flops() * jax.device_count(), start),
