@@ -32,6 +32,7 @@ from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import curriculum
 from loam.mixing.online import doremi
+from loam.mixing.online.output import OutputMixture
 from loam.model import sharding, sizes
 from loam.workdir import save_config, workdir_lock
 
@@ -210,6 +211,8 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
                                perf.matmul_peak_flops() * jax.device_count(), start),
         hooks_lib.SchedulePlot(workdir / "schedule.png", stream, run_lib.lr_schedule(config),
                                steps, enabled=is_main),
+        OutputMixture(workdir, config, stream, enabled=is_main)
+        if stream.source.adaptive else None,
     ])
     hooks.on_restore(start, hook_state)
     if schedule_change and is_main:

@@ -294,6 +294,11 @@ def test_doremi_run_moves_its_domain_weights(reference, doremi_run):
     np.testing.assert_allclose(state["history"][-1], list(alphas[-1].values()), rtol=0)
     # The proxy trains against the reference: its excess over the reference is what moved α.
     assert min(state["excess"]) >= 0 and max(state["excess"]) > 0
+    # The output mixture is the average of α over the run, as a static config loam.train runs.
+    output = json.loads((doremi_run / "output_mixture.json").read_text())
+    assert output["mixing"]["method"] == "static"
+    mean = {d: float(np.mean([a[d] for a in alphas])) for d in alphas[0]}
+    assert output["data"]["weights"] == pytest.approx(mean, rel=1e-12)
 
 
 @pytest.mark.e2e
