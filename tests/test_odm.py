@@ -258,6 +258,22 @@ def test_odm_moves_the_mixture_in_the_real_trainer(odm_run):
 
 
 @pytest.mark.e2e
+def test_the_output_mixture_of_a_run_is_the_average_and_trains(odm_run, tmp_path):
+    want = records(odm_run)
+    names = list(want[1]["mixture_weights"])
+    logged = np.array([[want[s]["mixture_weights"][d] for d in names] for s in sorted(want)])
+    path = odm_run / "output_mixture.json"
+    loaded = cli.load_config(str(path))
+    assert loaded.mixing.method == "static"
+    assert dict(loaded.data.weights) == pytest.approx(dict(zip(names, logged.mean(axis=0))),
+                                                      rel=1e-14)
+    # loam.train runs it as it stands (here for 2 steps): constant weights, the output's.
+    run_train(tmp_path / "transfer", "--config.steps=2", config=str(path), base=[], devices=1)
+    for rec in records(tmp_path / "transfer").values():
+        assert rec["mixture_weights"] == pytest.approx(dict(loaded.data.weights), rel=1e-14)
+
+
+@pytest.mark.e2e
 def test_a_sigkilled_odm_run_resumes_bit_exactly(odm_run, tmp_path):
     want = records(odm_run)
     killed = tmp_path / "killed"
@@ -271,6 +287,8 @@ def test_a_sigkilled_odm_run_resumes_bit_exactly(odm_run, tmp_path):
     for s in want:  # bit-exact: the same floats
         assert got[s]["loss"] == want[s]["loss"], s
         assert got[s]["mixture_weights"] == want[s]["mixture_weights"], s
+    out = "output_mixture.json"
+    assert (killed / out).read_text() == (odm_run / out).read_text()
 
 
 @pytest.mark.e2e
