@@ -165,7 +165,7 @@ def with_added_later(config: dict) -> dict:
         *parents, leaf = field.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node.setdefault(leaf, value)
+        node.setdefault(leaf, json.loads(json.dumps(value)))
     return out
 
 
@@ -176,6 +176,14 @@ def comparable(config: dict) -> dict:
     return json.loads(resolved.to_json_best_effort())
 
 
+def _mixing_in_use(mixing) -> dict:
+    """The part of config.mixing a run depends on: its method and that method's block (the
+    default config carries every method's block; a run reads only its own)."""
+    mixing = dict(mixing) if mixing else {"method": "static"}
+    method = mixing.get("method", "static")
+    return {"method": method, **({method: mixing[method]} if method in mixing else {})}
+
+
 def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str | None:
     """The first field that differs between a run's saved config and a resuming one, as a
     message, or None when the new config can continue the run."""
@@ -183,6 +191,8 @@ def resume_mismatch(saved: ml_collections.ConfigDict, new: ml_collections.Config
         a, b = _get(saved, field), _get(new, field)
         if a is None:
             a = ADDED_LATER.get(field)
+        if field == "mixing":
+            a, b = _mixing_in_use(a), _mixing_in_use(b)
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             return (f"{field} was {a!r} in the run being resumed but this config gives {b!r}; "
                     "a run can only continue with the model, data and seed it started with. "

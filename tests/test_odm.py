@@ -18,6 +18,7 @@ from test_online import kill_after, records
 
 from loam import cli
 from loam import run as run_lib
+from loam import train as train_lib
 from loam.configs import default
 from loam.data import catalog as catalog_lib
 from loam.data import recipes
@@ -148,6 +149,22 @@ def _config(method, **odm_given):
 def test_bad_hyperparameters_are_refused_when_the_source_is_built(given, match):
     with pytest.raises(ValueError, match=match):
         weights_lib.source_from_config(_config("odm", **given))
+
+
+def test_hyperparameters_from_the_command_line(tmp_path, capsys):
+    config = cli.config_main(lambda c, flags: c, argv=[
+        "loam.train", f"--config={CONFIG}", "--config.mixing.method=odm",
+        "--config.mixing.odm.alpha=0.8"])
+    source = weights_lib.source_from_config(config)
+    assert isinstance(source, odm.OnlineDataMixing) and source.alpha == 0.8
+    with pytest.raises(SystemExit) as e:  # one error line, before anything is trained
+        train_lib.main(["loam.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
+                        "--config.mixing.method=odm", "--config.mixing.odm.alpha=1.5"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config.mixing.odm.alpha=1.5 must be a number in [0, 1)")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_methods_refuse_curriculum_stages():

@@ -85,7 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.stages = []
     c.data.interpolate = False
     c.mixing = ml_collections.ConfigDict()
-    c.mixing.method = "static"  # or an online controller of loam/mixing/online/ (greedy_loss)
+    # "static": data.weights or data.stages. Else a module of loam/mixing/online/: the baselines
+    # "stratified" (uniform) and "proportional" (training tokens), or an online controller
+    # ("odm", "greedy_loss"), whose hyperparameters sit in the block of its name.
+    c.mixing.method = "static"
+    c.mixing.odm = ml_collections.ConfigDict({"alpha": 0.9})  # EXP3 reward smoothing, in [0, 1)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
