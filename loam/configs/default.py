@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ("odm", "greedy_loss"), whose hyperparameters sit in the block of its name.
     c.mixing.method = "static"
     c.mixing.odm = ml_collections.ConfigDict({"alpha": 0.9})  # EXP3 reward smoothing, in [0, 1)
+    # DoReMi: the reference run's workdir (trained first with loam.train on the reference
+    # weights), step size > 0, smoothing in [0, 1).
+    c.mixing.doremi = ml_collections.ConfigDict(
+        {"reference": "", "step_size": 1.0, "smoothing": 1e-3})
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
