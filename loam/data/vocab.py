@@ -268,7 +268,19 @@ def _eos_and_pad(spec: _Spec, lookup: Callable[[str], int | None], own_eos: int 
 # ----------------------------------------------------------------------------- SentencePiece
 
 
-class Vocabulary:
+class _Sentinels:
+    """The 100 sentinels on top of a tokenizer's own ids (seqio's layout): <extra_id_i> is
+    vocab_size - 1 - i."""
+
+    vocab_size: int
+
+    def sentinel_id(self, i: int) -> int:
+        if not 0 <= i < NUM_SENTINELS:
+            raise ValueError(f"sentinel index {i} outside [0, {NUM_SENTINELS})")
+        return self.vocab_size - 1 - i
+
+
+class Vocabulary(_Sentinels):
     """A SentencePiece model with 100 sentinels on top, id-for-id equal to seqio's vocabulary
     of the same file. `Vocabulary()` is the bundled model."""
 
@@ -318,11 +330,6 @@ class Vocabulary:
         return self._sp.decode([int(i) for i in ids
                                 if 0 <= int(i) < self._base and int(i) not in skip])
 
-    def sentinel_id(self, i: int) -> int:
-        if not 0 <= i < NUM_SENTINELS:
-            raise ValueError(f"sentinel index {i} outside [0, {NUM_SENTINELS})")
-        return self.vocab_size - 1 - i
-
     def piece(self, i: int) -> str:
         if i >= self._base:
             return f"<extra_id_{self.vocab_size - 1 - i}>"
@@ -335,7 +342,7 @@ class Vocabulary:
 # ----------------------------------------------------------------------------- tokenizers
 
 
-class HFTokenizer:
+class HFTokenizer(_Sentinels):
     """A Hugging Face ``tokenizers`` JSON file with 100 sentinels on top (or its own
     ``<extra_id_*>`` tokens, when it ends with them). Encoding adds no special tokens, matches
     no special token written in the text, and neither truncates nor pads."""
@@ -386,11 +393,6 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids
                                  if 0 <= int(i) < self._base and int(i) not in self._skip],
                                 skip_special_tokens=True)
-
-    def sentinel_id(self, i: int) -> int:
-        if not 0 <= i < NUM_SENTINELS:
-            raise ValueError(f"sentinel index {i} outside [0, {NUM_SENTINELS})")
-        return self.vocab_size - 1 - i
 
     def piece(self, i: int) -> str:
         if i >= self._base:
