@@ -14,26 +14,15 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loam.scaling import lbfgs
+from loam.scaling import parametric
+from loam.scaling.parametric import HUBER_DELTA, ScalingFitError
 
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
-HUBER_DELTA = 1e-3
-# Stopping rules (gradient max-norm; relative decrease of f per accepted step). The polish values
-# are scipy L-BFGS-B's ftol (factr=1e7 times machine epsilon) with a gradient tolerance scaled to
-# this objective, whose values are ~1e-3.
-_SWEEP_TOL = dict(gtol=1e-7, ftol=1e-7)
-_POLISH_TOL = dict(gtol=1e-10, ftol=2.2e-9)
-
-
-class ScalingFitError(ValueError):
-  """The data cannot support the requested fit; the message names the fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,29 +95,6 @@ def _huber_value_and_grad(x, data):
   return (weights * huber).sum(1), grad
 
 
-# The jitted L-BFGS run, built on first use (compiling at import would slow every import).
-_MINIMIZE: Callable[..., Any] | None = None
-
-
-def _compiled_minimize() -> Callable[..., Any]:
-  global _MINIMIZE
-  if _MINIMIZE is None:
-    def run(x0, data, gtol, ftol, max_iter):
-      return lbfgs.minimize(_huber_value_and_grad, x0, data, gtol=gtol, ftol=ftol,
-                            max_iter=max_iter)
-    _MINIMIZE = jax.jit(run, static_argnames=("max_iter",))
-  return _MINIMIZE
-
-
-def _run_lbfgs(x0: np.ndarray, data_np, *, x64: bool, max_iter: int, gtol: float, ftol: float):
-  with jax.enable_x64(x64):
-    dtype = jnp.float64 if x64 else jnp.float32
-    data = tuple(jnp.asarray(v, dtype) for v in data_np)
-    out = _compiled_minimize()(jnp.asarray(x0, dtype), data, gtol, ftol, max_iter=max_iter)
-    return jax.tree.map(lambda v: np.asarray(v).astype(np.float64) if v.dtype.kind == "f"
-                        else np.asarray(v), out)
-
-
 @dataclasses.dataclass(frozen=True)
 class Approach3Fit:
   law: ChinchillaLaw
@@ -175,26 +141,16 @@ def fit_chinchilla(N, D, loss, *, grid: np.ndarray | None = None, polish: int = 
   start = time.perf_counter()
   x0 = initial_grid() if grid is None else np.asarray(grid, np.float64).reshape(-1, 5)
   data = (np.log(N), np.log(D), np.log(L), np.ones((1, N.size)))
-  sweep = _run_lbfgs(x0, data, x64=False, max_iter=max_iter, **_SWEEP_TOL)
-  order = np.argsort(np.where(np.isfinite(sweep.value), sweep.value, np.inf))[:polish]
-  order = order[np.isfinite(sweep.value[order])]
-  if order.size == 0:
-    raise ScalingFitError("approach 3: every start diverged; check that losses are in nats and "
-                          "N, D are raw counts (not logs).")
-  fine = _run_lbfgs(sweep.x[order], data, x64=True, max_iter=polish_iter, **_POLISH_TOL)
-  value = np.where(fine.converged, fine.value, np.inf)
-  converged = bool(np.isfinite(value).any())
-  if not converged:
-    value = np.where(np.isfinite(fine.value), fine.value, np.inf)
-    warnings.warn("approach 3: no start converged to tolerance; reporting the best finite one.",
-                  stacklevel=2)
-  best = int(np.argmin(value))
+  best = parametric.multistart(
+      _huber_value_and_grad, x0, data, what="approach 3", polish=polish, max_iter=max_iter,
+      polish_iter=polish_iter,
+      diverged_hint="check that losses are in nats and N, D are raw counts (not logs).")
   return Approach3Fit(
-      law=ChinchillaLaw.from_raw(fine.x[best]), objective=float(fine.value[best]),
-      converged=converged, n_points=int(N.size), n_starts=int(x0.shape[0]),
-      n_converged_starts=int(sweep.converged.sum()), seconds=time.perf_counter() - start,
-      raw=tuple(float(v) for v in fine.x[best]),
-      polished_starts=tuple(tuple(float(v) for v in x0[i]) for i in order[:4]))
+      law=ChinchillaLaw.from_raw(parametric.as_tuple(best.x)), objective=best.value,
+      converged=best.converged, n_points=int(N.size), n_starts=best.n_starts,
+      n_converged_starts=best.n_converged_starts,
+      seconds=time.perf_counter() - start, raw=parametric.as_tuple(best.x),
+      polished_starts=best.polished_starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +168,7 @@ class Bootstrap:
     return [ChinchillaLaw.from_raw(r) for r in self.raw]
 
   def interval(self, values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    lo = (1.0 - level) / 2.0
-    q = np.quantile(np.asarray(values, np.float64), [lo, 1.0 - lo], axis=0)
-    return q[0], q[1]
+    return parametric.interval(values, level)  # type: ignore[return-value]
 
   def param_intervals(self, level: float = 0.95) -> dict[str, list[float]]:
     return {k: [float(x) for x in self.interval(v, level)] for k, v in self.params.items()}
@@ -239,22 +193,11 @@ def bootstrap_chinchilla(N, D, loss, fit: Approach3Fit, *, samples: int = 100, s
   fitted basin is what the bootstrap measures the spread of).
   """
   N, D, L = _check_points(N, D, loss, 5, "approach 3 bootstrap")
-  if samples < 2:
-    raise ScalingFitError(f"bootstrap needs at least 2 samples, got {samples}.")
-  rng = np.random.default_rng(seed)
-  counts = rng.multinomial(N.size, np.full(N.size, 1.0 / N.size), size=samples).astype(np.float64)
   starts = np.array([fit.raw, *fit.polished_starts[:3]], np.float64)
-  n_starts = starts.shape[0]
-  x0 = np.tile(starts, (samples, 1))
-  weights = np.repeat(counts, n_starts, axis=0)
-  data = (np.log(N), np.log(D), np.log(L), weights)
-  out = _run_lbfgs(x0, data, x64=True, max_iter=max_iter, **_POLISH_TOL)
-  value = np.where(out.converged, out.value, np.inf).reshape(samples, n_starts)
-  value = np.where(np.isfinite(value).any(1, keepdims=True), value,
-                   np.where(np.isfinite(out.value), out.value, np.inf).reshape(samples, n_starts))
-  best = np.argmin(value, axis=1)
-  raw = out.x.reshape(samples, n_starts, 5)[np.arange(samples), best]
-  return Bootstrap(raw=raw[np.isfinite(value[np.arange(samples), best])])
+  raw = parametric.bootstrap(
+      _huber_value_and_grad, starts, lambda w: (np.log(N), np.log(D), np.log(L), w), N.size,
+      samples=samples, seed=seed, max_iter=max_iter)
+  return Bootstrap(raw=raw)
 
 
 # ----------------------------------------------------------------------------------------------
