@@ -1,6 +1,7 @@
 """Loop hooks: what runs around the compiled step without living inside the loop.
 
-The training loop (and the swarm's) calls each hook after every step with that step's metrics on
+The training loop (and the swarm's) calls each hook before every step with the training state
+(online mixing rounds measure the model there), after every step with that step's metrics on
 the host (per-domain loss sums and token counts of *every* step), after each evaluation, when a
 checkpoint is saved (a hook may add its state to the checkpoint's metadata) and when one is
 restored. Logging, token accounting, the schedule plot and the feedback that online mixing
@@ -23,6 +24,11 @@ class Hook:
     """Every method is optional. ``name`` keys the hook's state in the checkpoint metadata."""
 
     name = ""
+
+    def before_step(self, step: int, state: Any) -> None:
+        """Before the batch of ``step`` is built, with the training state after ``step``
+        updates (reading it waits for them). A hook may measure the model here (online mixing
+        rounds); the state is donated to the step right after, so nothing may keep it."""
 
     def after_step(self, step: int, metrics: dict[str, Any]) -> None:
         """``step`` is the 0-based index of the update whose host-side metrics these are;
@@ -50,6 +56,10 @@ class Hooks(Hook):
         names = [h.name for h in self.hooks if h.name]
         if len(set(names)) != len(names):
             raise ValueError(f"hook names repeat: {names}")
+
+    def before_step(self, step, state):
+        for h in self.hooks:
+            h.before_step(step, state)
 
     def after_step(self, step, metrics):
         for h in self.hooks:

@@ -31,7 +31,7 @@ from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import curriculum
-from loam.mixing.online import doremi
+from loam.mixing.online import doremi, rounds
 from loam.mixing.online.output import OutputMixture
 from loam.model import sharding, sizes
 from loam.workdir import save_config, workdir_lock
@@ -174,6 +174,15 @@ def _reference_step(config, model, optimizer, mesh, shardings, reference: doremi
     return train_step
 
 
+def _rounds_hook(config, workdir, model, mesh, stream, is_main: bool):
+    """The hook that runs a rounds source's rounds (Aioli, Skill-it), or None."""
+    source = stream.source
+    if not isinstance(source, rounds.RoundsSource):
+        return None
+    lab = rounds.Lab(config, model, mesh, source.domains, source.eval_tokens, source.probe_mode)
+    return rounds.Rounds(source, lab, workdir / "rounds.json", enabled=is_main)
+
+
 def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, checkpointer,
           start, schedule_change, hook_state, preemption, reference=None) -> dict | None:
     is_main = jax.process_index() == 0
@@ -213,6 +222,7 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
                                steps, enabled=is_main),
         OutputMixture(workdir, config, stream, enabled=is_main)
         if stream.source.adaptive else None,
+        _rounds_hook(config, workdir, model, mesh, stream, is_main),
     ])
     hooks.on_restore(start, hook_state)
     if schedule_change and is_main:
@@ -249,6 +259,7 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
     last_eval, pending, step_no = None, None, start
     try:
         for step in range(start, steps):
+            hooks.before_step(step, state)
             state, metrics = train_step(state, device_batch(step))
             if pending is not None:
                 after_step(*pending)

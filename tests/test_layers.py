@@ -44,6 +44,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # get_config(arg) files: may size models and read corpora; research code starts from them.
     ("configs", ["loam.configs"]),
     ("step, run", ["loam.step", "loam.run", "loam.hooks"]),
+    # K models in one compiled step: proxy swarms, and the probes of online mixing rounds.
+    ("swarm", ["loam.mixing.swarm"]),
     # Weight sources the trainer builds by name (config.mixing.method) and its output hook.
     ("online mixing", ["loam.mixing.online"]),
     ("train, eval", ["loam.train", "loam.eval", "loam.average"]),

@@ -87,13 +87,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mixing = ml_collections.ConfigDict()
     # "static": data.weights or data.stages. Else a module of loam/mixing/online/: the baselines
     # "stratified" (uniform) and "proportional" (training tokens), or an online controller
-    # ("odm", "greedy_loss"), whose hyperparameters sit in the block of its name.
+    # ("odm", "doremi", "aioli", "skillit", "greedy_loss"), whose hyperparameters sit in the
+    # block of its name.
     c.mixing.method = "static"
     c.mixing.odm = ml_collections.ConfigDict({"alpha": 0.9})  # EXP3 reward smoothing, in [0, 1)
     # DoReMi: the reference run's workdir (trained first with loam.train on the reference
     # weights), step size > 0, smoothing in [0, 1).
     c.mixing.doremi = ml_collections.ConfigDict(
         {"reference": "", "step_size": 1.0, "smoothing": 1e-3})
+    # Aioli: a round of probes every update_steps (loam/mixing/online/aioli.py).
+    c.mixing.aioli = ml_collections.ConfigDict(
+        {"update_steps": 50, "start": 0, "probe_steps": 12, "one_hot": 0.5, "eta": 0.1,
+         "normalize": True, "ema": 0.0, "accumulate": True, "eval_tokens": 8192,
+         "probes": "swarm"})
+    # Skill-it: graph "linear" | "pairwise" (estimated) | "identity" | a JSON K×K matrix.
+    c.mixing.skillit = ml_collections.ConfigDict(
+        {"update_steps": 50, "start": 0, "eta": 0.5, "window": 3, "graph": "linear",
+         "graph_steps": 20, "eval_tokens": 8192, "probes": "swarm"})
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3

@@ -30,6 +30,9 @@ class WeightSource:
     """
 
     adaptive: bool = False
+    # The stream asks for step 0's weights when it is built, to report bad weights early; a
+    # source whose step-0 weights are decided later (a round before step 0) says False.
+    validate_at_start: bool = True
 
     def __init__(self, domains: Sequence[str]):
         self.domains = list(domains)

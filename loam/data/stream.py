@@ -94,7 +94,8 @@ class MixtureStream:
         self._block_data: collections.OrderedDict = collections.OrderedDict()
         self.num_tokens = [int(self.catalog.num_tokens(d, "train")) for d in self.domain_names]
         self.fingerprints = self.catalog.fingerprints(self.domain_names)
-        self.weights_at(0)  # validate now, not at the first batch
+        if getattr(self.source, "validate_at_start", True):
+            self.weights_at(0)  # validate now, not at the first batch
         self._reset_allocation()
         # Per domain and view: the segments (epoch, block) consumed so far in order, with their
         # rows and tokens (small); packings (LRU).

@@ -157,6 +157,13 @@ class Swarm:
         self.seeds = np.array([int(m.seed) for m in members], np.uint32)
         self.streams = ([run_lib.build_stream(c) for c in self.configs] if build_streams
                         else None)
+        for member, stream in zip(members, self.streams or ()):
+            if hasattr(stream.source, "run_round"):  # loam.mixing.online.rounds.RoundsSource
+                raise ValueError(
+                    f"swarm member {member.name or members.index(member)} uses "
+                    f"{type(stream.source).__name__}, whose rounds measure one model with probes "
+                    "or held-out evaluations the swarm's loop does not run; train it as a "
+                    "single run with python -m loam.train")
         self._stacked = NamedSharding(self.mesh, P(MEMBER_AXIS))
         self._replicated = NamedSharding(self.mesh, P())
         self._train_step: Callable | None = None
