@@ -2,12 +2,21 @@
 
   python -m loam.scaling.fit --results DIR_OR_CSV --law chinchilla [--approach 1|2|3|all]
       [--out DIR] [--bootstrap K] [--drop-highest K]
+  python -m loam.scaling.fit --results CSV_OR_JSON --law cmr [--tolerance 0.05]
+      [--start-loss L0] [--general-column loss] [--predict-at T,...] [--holdout 'tokens>T']
+  python -m loam.scaling.fit --results CSV_OR_JSON --law data_constrained
+      [--tokens-per-param 20] [--holdout 'epochs>K']
 
-The table has one row per run (or per evaluated checkpoint) with columns N (parameters), D (tokens)
-or C (FLOPs, D = C / 6N), and `loss` and/or per-domain `loss/<domain>` columns. The column names of
-the Chinchilla Figure 4 extraction (`Model Size`, `Training FLOP`) are accepted too. Rows whose
-`status` is not "ok" are dropped with a warning. The last line printed is one JSON object whose
-top-level E, A, B, alpha, beta are the approach-3 fit of `loss`.
+The table (CSV, or JSON: a list of objects) has one row per run (or per evaluated checkpoint).
+Chinchilla: columns N (parameters), D (tokens) or C (FLOPs, D = C / 6N), and `loss` and/or
+per-domain `loss/<domain>` columns; the column names of the Chinchilla Figure 4 extraction
+(`Model Size`, `Training FLOP`) are accepted too. CMR: `ratio`, `tokens` and the general loss
+(loam/scaling/cmr.py). Data-constrained: N, D or C, U (unique tokens) and loss
+(loam/scaling/data_constrained.py). Rows whose `status` is not "ok" are dropped with a warning.
+--holdout COLUMN>VALUE fits without those rows and reports its predictions for them. The last
+line printed is one JSON object: for chinchilla its top-level E, A, B, alpha, beta are the
+approach-3 fit of `loss`; for cmr, beta0, beta1, s of R(T); for data_constrained the seven
+constants.
 """
 
 from __future__ import annotations
@@ -54,27 +63,66 @@ def loss_columns(table: dict[str, np.ndarray]) -> list[str]:
   return [c for c in table if c == "loss"] + [c for c in table if c.startswith("loss/")]
 
 
-def load_results(path, *, drop_highest: int = 0) -> dict[str, np.ndarray]:
-  """Reads a results CSV (or DIR/results.csv) into {column: float array} with N, D, C, loss*."""
+def read_rows(path) -> tuple[pathlib.Path, list[str], list[dict[str, str]]]:
+  """(path, header, rows) of a points table: a CSV file, a JSON file (a list of objects, or an
+  object whose "points" or "rows" is one), or a directory holding results.csv. Column aliases
+  are applied and rows whose `status` is not "ok" are dropped with a warning."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / RESULTS_FILE
   if not path.is_file():
-    raise ScalingFitError(f"no results table at {path}; pass --results a CSV file or a run "
-                          f"directory containing {RESULTS_FILE}.")
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+    raise ScalingFitError(f"no results table at {path}; pass --results a CSV or JSON file or a "
+                          f"run directory containing {RESULTS_FILE}.")
+  if path.suffix.lower() == ".json":
+    try:
+      data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ScalingFitError(f"{path} is not valid JSON ({e}); fix the file or pass a CSV.") \
+          from None
+    if isinstance(data, dict):
+      data = data.get("points", data.get("rows"))
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+      raise ScalingFitError(f"{path}: a JSON points file is a list of objects (one per run), "
+                            'or an object with such a list under "points".')
+    rows = [{str(k): "" if v is None else str(v) for k, v in r.items()} for r in data]
+    keys: dict[str, None] = {}
+    for r in rows:
+      keys.update(dict.fromkeys(r))
+    fields = list(keys)
+  else:
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      fields = list(reader.fieldnames or [])
   if not rows:
     raise ScalingFitError(f"{path} has no data rows; it needs a header and one row per run.")
-  header = [COLUMN_ALIASES.get(c, c) for c in rows[0].keys()]
+  header = [COLUMN_ALIASES.get(c, c) for c in fields]
   rows = [{COLUMN_ALIASES.get(k, k): v for k, v in r.items()} for r in rows]
 
   if "status" in header:
     failed = [r for r in rows if (r.get("status") or "").strip().lower() != "ok"]
     if failed:
       warnings.warn(f"dropping {len(failed)} run(s) whose status is not 'ok' (failed runs).",
-                    stacklevel=2)
+                    stacklevel=3)
     rows = [r for r in rows if (r.get("status") or "").strip().lower() == "ok"]
+  return path, header, rows
+
+
+def numeric_column(path, rows: list[dict[str, str]], name: str) -> np.ndarray:
+  values = []
+  for line, r in enumerate(rows, start=2):
+    text = (r.get(name) or "").strip()
+    try:
+      values.append(float(text))
+    except ValueError:
+      raise ScalingFitError(f"{path}: column {name!r} of data row {line - 1} is {text!r}, not a "
+                            "number; fix the value or mark the run with status != ok.") from None
+  return np.array(values, np.float64)
+
+
+def load_results(path, *, drop_highest: int = 0) -> dict[str, np.ndarray]:
+  """Reads a results table (or DIR/results.csv) into {column: float array} with N, D, C, loss*."""
+  path, header, rows = read_rows(path)
   losses = [c for c in header if c == "loss" or c.startswith("loss/")]
   missing = [c for c, ok in (("N", "N" in header), ("D or C", "D" in header or "C" in header),
                              ("loss or loss/<domain>", bool(losses))) if not ok]
@@ -85,15 +133,7 @@ def load_results(path, *, drop_highest: int = 0) -> dict[str, np.ndarray]:
     raise ScalingFitError(f"{path} has no run with status 'ok'; nothing to fit.")
 
   def column(name):
-    values = []
-    for line, r in enumerate(rows, start=2):
-      text = (r.get(name) or "").strip()
-      try:
-        values.append(float(text))
-      except ValueError:
-        raise ScalingFitError(f"{path}: column {name!r} of data row {line - 1} is {text!r}, not a "
-                              "number; fix the value or mark the run with status != ok.") from None
-    return np.array(values, np.float64)
+    return numeric_column(path, rows, name)
 
   table = {"N": column("N")}
   if "D" in header:
@@ -246,29 +286,92 @@ def plot_fits(table: dict[str, np.ndarray], objects: dict, out_dir, column: str 
   return written
 
 
+# Options that belong to one law, with their defaults (given with another law: refused).
+LAW_OPTIONS: dict[str, dict[str, Any]] = {"chinchilla": {"approach": None, "drop_highest": 0},
+               "cmr": {"tolerance": None, "start_loss": None, "general_column": None,
+                       "predict_at": None},
+               "data_constrained": {"tokens_per_param": None}}
+
+
+def _check_law_options(args) -> None:
+  for law, options in LAW_OPTIONS.items():
+    if law == args.law:
+      continue
+    given = [o for o, default in options.items() if getattr(args, o) != default]
+    if given:
+      flags = ", ".join("--" + o.replace("_", "-") for o in given)
+      verb, it = ("belong", "them") if len(given) > 1 else ("belongs", "it")
+      raise ScalingFitError(f"{flags} {verb} to --law {law}, not --law {args.law}; drop {it} "
+                            f"or choose --law {law}.")
+  if args.law == "chinchilla" and args.holdout:
+    raise ScalingFitError("--holdout is for --law cmr and data_constrained; a Chinchilla fit's "
+                          "held-out check is a fit on fewer runs (--drop-highest).")
+
+
+def _fit_other_law(args) -> tuple[dict, Any]:
+  """(report, plot thunk) of --law cmr or data_constrained."""
+  from loam.scaling import reports
+
+  if args.law == "cmr":
+    table = reports.load_cmr_table(args.results, args.general_column or "loss")
+    predict_at = reports.check_positive_list(
+        [v for v in (args.predict_at or "").split(",") if v.strip()], "--predict-at")
+    report, objects = reports.cmr_report(
+        table, tolerance=0.05 if args.tolerance is None else args.tolerance,
+        start_loss=args.start_loss, predict_at=predict_at, holdout=args.holdout,
+        bootstrap=args.bootstrap, seed=args.seed)
+    return report, lambda out: reports.plot_cmr(table, objects, out)
+  table = reports.load_data_constrained_table(args.results)
+  report, objects = reports.data_constrained_report(
+      table, tokens_per_param=args.tokens_per_param or 20.0, holdout=args.holdout,
+      bootstrap=args.bootstrap, seed=args.seed)
+  return report, lambda out: reports.plot_data_constrained(table, objects, out)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m loam.scaling.fit", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--results", required=True,
-                      help="results CSV, or a directory with results.csv")
-  parser.add_argument("--law", default="chinchilla", choices=["chinchilla"])
-  parser.add_argument("--approach", default="3", choices=["1", "2", "3", "all"])
+                      help="results CSV or JSON, or a directory with results.csv")
+  parser.add_argument("--law", default="chinchilla", choices=list(LAW_OPTIONS))
+  parser.add_argument("--approach", default=None, choices=["1", "2", "3", "all"],
+                      help="chinchilla: which approach (default 3)")
   parser.add_argument("--out", default=None, help="directory for fit.json and PNG plots")
   parser.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for intervals")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--drop-highest", type=int, default=0,
-                      help="drop the K highest-loss runs (the replication protocol uses 5)")
+                      help="chinchilla: drop the K highest-loss runs (the replication uses 5)")
+  parser.add_argument("--tolerance", type=float, default=None,
+                      help="cmr: rise of the general loss allowed, in nats (default 0.05)")
+  parser.add_argument("--start-loss", type=float, default=None,
+                      help="cmr: general loss at the start (default: the rows with tokens = 0)")
+  parser.add_argument("--general-column", default=None,
+                      help="cmr: the column holding the general loss (default loss)")
+  parser.add_argument("--predict-at", default=None,
+                      help="cmr: comma-separated token budgets to predict the CMR at")
+  parser.add_argument("--tokens-per-param", type=float, default=None,
+                      help="data_constrained: tokens per parameter of U_N (default 20)")
+  parser.add_argument("--holdout", default=None,
+                      help="cmr, data_constrained: COLUMN>VALUE rows to hold out and predict")
   args = parser.parse_args(argv)
-  approaches = (1, 2, 3) if args.approach == "all" else (int(args.approach),)
   caught, shown = [], False
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      table = load_results(args.results, drop_highest=args.drop_highest)
-      report, objects = fit_table(table, approaches=approaches, bootstrap=args.bootstrap,
-                                  seed=args.seed, required=args.approach != "all")
-      if args.approach == "all":
-        check_all_fitted(report)
+      _check_law_options(args)
+      if args.law == "chinchilla":
+        approach = args.approach or "3"
+        approaches = (1, 2, 3) if approach == "all" else (int(approach),)
+        table = load_results(args.results, drop_highest=args.drop_highest)
+        report, objects = fit_table(table, approaches=approaches, bootstrap=args.bootstrap,
+                                    seed=args.seed, required=approach != "all")
+        if approach == "all":
+          check_all_fitted(report)
+
+        def plot(out):
+          return plot_fits(table, objects, out)
+      else:
+        report, plot = _fit_other_law(args)
     for w in caught:
       print(f"warning: {w.message}", file=sys.stderr)
     shown = True
@@ -276,7 +379,7 @@ def main(argv=None) -> int:
     if args.out:
       out = pathlib.Path(args.out)
       out.mkdir(parents=True, exist_ok=True)
-      report["plots"] = [str(p) for p in plot_fits(table, objects, out)]
+      report["plots"] = [str(p) for p in plot(out)]
       (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
   except cli.USER_ERRORS as e:  # ScalingFitError is a ValueError
     if not shown:  # e.g. that failed runs were dropped, before the reason the fit stopped

@@ -45,8 +45,9 @@ def huber_objective(predict: Callable[..., jax.Array], delta: float | None = HUB
   """A batched objective sum_i w_i Huber(predict(x, *inputs)_i - target_i) and its gradient.
 
   `predict(x [P], *inputs) -> [n]` is written for one parameter vector; data is
-  (*inputs, target, weights). Loss laws predict log-loss against log targets (the residual of
-  the Chinchilla replication); delta=None is least squares (0.5 r^2).
+  (*inputs, target [n] or one per lane [S, n], weights [1 or S, n]). Loss laws predict log-loss
+  against log targets (the residual of the Chinchilla replication); delta=None is least squares
+  (0.5 r^2).
   """
 
   def single(x, inputs, target, w):
@@ -63,7 +64,8 @@ def huber_objective(predict: Callable[..., jax.Array], delta: float | None = HUB
   def batched(x, data):
     *inputs, target, weights = data
     w = jnp.broadcast_to(weights, (x.shape[0], target.shape[-1]))
-    return jax.vmap(value_and_grad, in_axes=(0, None, None, 0))(x, tuple(inputs), target, w)
+    per_lane = 0 if target.ndim == 2 else None  # targets [S, n]: one set per lane
+    return jax.vmap(value_and_grad, in_axes=(0, None, per_lane, 0))(x, tuple(inputs), target, w)
 
   return batched
 
