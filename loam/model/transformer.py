@@ -133,7 +133,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array) -> Array:
+    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array,
+                 kv: dict | None = None, index: Array | None = None):
+        """Attention output; with a layer's cache ``kv`` ({"key", "value"}: B x S x G x K), the
+        new keys and values are written at slot ``index`` and the queries attend over the whole
+        cache (``mask_BxQxS`` over its S slots): returns (output, updated kv)."""
         cfg = self.cfg
         d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         g = h // kvh
@@ -156,6 +160,14 @@ class Attention(nn.Module):
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
         q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta) * (k ** -0.5)
         k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+        if kv is not None:
+            assert index is not None, "a cache needs the slot to write"
+            start = (0, index, 0, 0)
+            kv = {"key": jax.lax.dynamic_update_slice(kv["key"], k_BxLxGxK.astype(
+                      kv["key"].dtype), start),
+                  "value": jax.lax.dynamic_update_slice(kv["value"], v_BxLxGxK.astype(
+                      kv["value"].dtype), start)}
+            k_BxLxGxK, v_BxLxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # L -> S slots
 
         q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kvh, g, k)  # R = query heads per kv head
         scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
@@ -166,6 +178,8 @@ class Attention(nn.Module):
         out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(b, length, h, k),
                                 ("batch", "length", "heads", "kv"))
         out_NxD = project(out_BxLxHxK.reshape(b * length, h * k), wo_HxKxD, dt)
+        if kv is not None:
+            return out_NxD.reshape(b, length, d), kv
         return out_NxD.reshape(b, length, d)
 
 
@@ -198,12 +212,18 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array):
+    def __call__(self, x_BxLxD: Array, mask_BxQxS: Array, positions_BxL: Array,
+                 kv: dict | None = None, index: Array | None = None):
         h = RMSNorm(self.cfg, name="attn_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h, mask_BxQxS, positions_BxL)
+        if kv is None:
+            x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(h, mask_BxQxS, positions_BxL)
+        else:  # decoding: the layer's slice of the cache goes in and comes out updated
+            out_BxLxD, kv = Attention(self.cfg, name="attn")(h, mask_BxQxS, positions_BxL, kv,
+                                                             index)
+            x_BxLxD = x_BxLxD + out_BxLxD
         h = RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(h)
-        return constrain(x_BxLxD, ("batch", "length", "embed")), None
+        return constrain(x_BxLxD, ("batch", "length", "embed")), kv
 
 
 class Transformer(nn.Module):
@@ -211,7 +231,12 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_BxL: Array, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, prefix: Array | None = None) -> Array:
+                 positions: Array | None = None, prefix: Array | None = None,
+                 cache: dict | None = None):
+        """Logits of every position. With a ``cache`` (see `init_cache`), the inputs are the
+        next tokens of the sequences the cache holds: returns (logits, updated cache)."""
+        if cache is not None:
+            return self._decode(inputs_BxL, segment_ids, positions, cache)
         cfg = self.cfg
         b, length = inputs_BxL.shape
         if length > cfg.max_len:
@@ -238,6 +263,11 @@ class Transformer(nn.Module):
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, mask_BxQxS, positions)
+        return self._logits(x_BxLxD, embedding_VxD)
+
+    def _logits(self, x_BxLxD: Array, embedding_VxD: Array) -> Array:
+        cfg = self.cfg
+        b, length = x_BxLxD.shape[:2]
         x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
 
         dt = cfg.compute_dtype
@@ -251,3 +281,47 @@ class Transformer(nn.Module):
             logits_NxV = project(x_NxD, unembed_DxV, dt)
         logits_BxLxV = logits_NxV.reshape(b, length, cfg.vocab_size)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def _decode(self, inputs_BxT: Array, segment_ids: Array | None, positions: Array | None,
+                cache: dict):
+        """The next T tokens of every row through the layers, each layer reading and extending
+        its keys and values in the cache instead of recomputing the sequence."""
+        cfg = self.cfg
+        b, t = inputs_BxT.shape
+        slots = cache["valid"].shape[1]
+        index = cache["index"]
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        embedding_VxD = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
+                               (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        table_VxD = constrain(embedding_VxD, (None, None))
+        x_BxTxD = jnp.take(table_VxD, inputs_BxT, axis=0).astype(cfg.compute_dtype)
+        # Slot s holds a key a query at slot q may see iff it was written by a real token
+        # (nonzero segment) and s <= q: causal attention over the cache.
+        valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
+        query_slot_T = index + jnp.arange(t)
+        causal_TxS = jnp.arange(slots)[None, :] <= query_slot_T[:, None]
+        mask_BxTxS = valid_BxS[:, None, :] & causal_TxS[None]
+
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        kv = {"key": cache["key"], "value": cache["value"]}
+        x_BxTxD, kv = stack(cfg, name="layers")(x_BxTxD, mask_BxTxS, positions, kv, index)
+        new_cache = {**kv, "valid": valid_BxS, "index": index + t}
+        return self._logits(x_BxTxD, embedding_VxD), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty key/value cache of ``length`` slots for ``batch`` sequences: per layer (leading
+    axis) keys and values, which slots hold a real token, and the next slot to write."""
+    if not 0 < length <= cfg.max_len:
+        raise ValueError(f"cache length {length} must be in [1, max_len={cfg.max_len}]")
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_size)
+    return {"key": jnp.zeros(shape, cfg.compute_dtype),
+            "value": jnp.zeros(shape, cfg.compute_dtype),
+            "valid": jnp.zeros((batch, length), bool),
+            "index": jnp.zeros((), jnp.int32)}
