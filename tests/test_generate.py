@@ -3,6 +3,7 @@ its bad input. Uses the shared miniature run (conftest.reference_run: 12 steps, 
 
 import functools
 import itertools
+import json
 import shutil
 import subprocess
 import sys
@@ -190,3 +191,14 @@ def test_notebook_call(sampler):
               for p in ["And God said", "def main("]]
     assert texts == [sampler.tokenizer.decode(sampler.tokenizer.encode([p])[0] + g)[len(p):]
                      for p, g in zip(["And God said", "def main("], greedy)]
+
+
+@pytest.mark.e2e
+def test_bench_prints_json(capsys):
+    from loam.bench import generate as bench
+
+    bench.main(["--size=nano", "--context=32", "--prompt_len=8", "--rounds=1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "generate" and last["same_tokens"] is True
+    assert last["tokens_per_s_cache"] > 0 and last["tokens_per_s_no_cache"] > 0
+    assert last["cache_speedup"] > 0
