@@ -224,11 +224,21 @@ def build_model(config) -> Transformer:
 
 
 def lr_schedule(config, peak: Any = None) -> optax.Schedule:
-    """The run's learning-rate schedule; ``peak`` overrides optim.lr (a swarm member's, traced)."""
+    """The run's learning-rate schedule; ``peak`` overrides optim.lr (a swarm member's, traced).
+    The infinite schedule's fields are read only by it (configs saved before they existed never
+    name it)."""
     o = config.optim
-    return step_lib.lr_schedule(o.schedule, o.lr if peak is None else peak, config.steps,
-                                o.warmup_steps, final_fraction=o.final_lr_fraction,
-                                decay_fraction=o.decay_fraction)
+    infinite: dict[str, Any] = {}
+    if o.schedule == "infinite":
+        infinite = dict(cooldown_steps=int(o.cooldown_steps),
+                        constant_fraction=float(o.constant_lr_fraction),
+                        anneal_start=int(o.anneal_start))
+    try:
+        return step_lib.lr_schedule(o.schedule, o.lr if peak is None else peak, config.steps,
+                                    o.warmup_steps, final_fraction=o.final_lr_fraction,
+                                    decay_fraction=o.decay_fraction, **infinite)
+    except ValueError as e:
+        raise ConfigError(f"config.optim: {e}") from None
 
 
 def build_optimizer(config, peak: Any = None) -> optax.GradientTransformation:

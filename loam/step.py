@@ -38,18 +38,24 @@ class TrainState:
 
 # --------------------------------------------------------------------------- schedules, optimizer
 
-SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+SCHEDULE_KINDS = ("cosine", "wsd", "constant", "infinite")
 
 
 def lr_schedule(kind: str, peak: float, steps: int, warmup: int, final_fraction: float = 0.0,
-                decay_fraction: float = 0.2) -> optax.Schedule:
+                decay_fraction: float = 0.2, *, cooldown_steps: int = 0,
+                constant_fraction: float = 1.0, anneal_start: int = 0) -> optax.Schedule:
     """Learning rate at update t (0-based): linear warmup to ``peak`` over ``warmup`` updates, then
 
     - "cosine": cosine from peak to final_fraction*peak at ``steps``;
     - "wsd": constant peak, then linear to final_fraction*peak over the last decay_fraction of
       ``steps`` (warmup-stable-decay);
-    - "constant": peak.
-    Warmup reaches peak at update warmup-1, so no update runs at learning rate 0.
+    - "constant": peak;
+    - "infinite" (Ibrahim et al. 2024): cosine cooldown from peak to constant_fraction*peak over
+      ``cooldown_steps``, then constant; from update ``anneal_start`` (0: never) linear to
+      final_fraction*peak at ``steps``. Before the annealing no value depends on ``steps``, so
+      the constant phase can be extended (more steps, a later anneal) without changing the past.
+    Warmup reaches peak at update warmup-1, so no update runs at learning rate 0. A continual run
+    re-warms and re-decays with its own peak and warmup: any of these, from its own step 0.
     """
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
@@ -59,6 +65,9 @@ def lr_schedule(kind: str, peak: float, steps: int, warmup: int, final_fraction:
     if not 0.0 <= decay_fraction <= 1.0 or not 0.0 <= final_fraction <= 1.0:
         raise ValueError("decay_fraction and final_fraction must lie in [0, 1]")
     final = final_fraction * peak
+    if kind == "infinite":
+        return _infinite_schedule(peak, steps, warmup, final_fraction, cooldown_steps,
+                                  constant_fraction, anneal_start)
     decay_steps = max(1, int(round(decay_fraction * steps)))
     decay_start = max(warmup, steps - decay_steps)
 
@@ -73,6 +82,55 @@ def lr_schedule(kind: str, peak: float, steps: int, warmup: int, final_fraction:
         else:
             frac = jnp.clip((t - decay_start) / max(steps - decay_start, 1), 0.0, 1.0)
             after = peak + (final - peak) * frac
+        return jnp.where(t < warmup, warm, after)
+
+    return schedule
+
+
+def _infinite_schedule(peak, steps: int, warmup: int, final_fraction: float,
+                       cooldown_steps: int, constant_fraction: float,
+                       anneal_start: int) -> optax.Schedule:
+    """Warmup, cosine cooldown, constant, optional linear anneal; overlapping phases refused."""
+    if int(cooldown_steps) < 0:
+        raise ValueError(f"infinite schedule: cooldown_steps={cooldown_steps} must be >= 0")
+    if not 0.0 < constant_fraction <= 1.0:
+        raise ValueError(f"infinite schedule: constant_lr_fraction={constant_fraction} must lie "
+                         "in (0, 1] (the constant phase's learning rate, a fraction of the peak)")
+    constant_ends_cooldown = warmup + int(cooldown_steps)
+    if anneal_start:
+        if not constant_ends_cooldown <= anneal_start < steps:
+            where = ("before warmup + cooldown end" if anneal_start < constant_ends_cooldown
+                     else "at or after the last step")
+            raise ValueError(
+                f"infinite schedule: the annealing phase starts at step anneal_start="
+                f"{anneal_start}, {where} (warmup_steps={warmup} + cooldown_steps="
+                f"{cooldown_steps} end at step {constant_ends_cooldown}; the run has steps="
+                f"{steps}): the phases overlap. Set anneal_start in [{constant_ends_cooldown}, "
+                f"{steps}), shorten the warmup or cooldown, or set anneal_start=0 for no annealing")
+        if final_fraction > constant_fraction:
+            raise ValueError(
+                f"infinite schedule: final_lr_fraction={final_fraction} is above "
+                f"constant_lr_fraction={constant_fraction}, so the annealing phase would raise "
+                "the learning rate; set final_lr_fraction <= constant_lr_fraction")
+    elif constant_ends_cooldown > steps:
+        raise ValueError(
+            f"infinite schedule: warmup_steps={warmup} + cooldown_steps={cooldown_steps} = "
+            f"{constant_ends_cooldown} exceed steps={steps}, so the run never reaches its constant "
+            "phase; shorten the cooldown or train longer")
+    level = constant_fraction * peak
+    final = final_fraction * peak
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum(1.0, (t + 1.0) / max(warmup, 1))
+        if cooldown_steps:
+            frac = jnp.clip((t - warmup) / int(cooldown_steps), 0.0, 1.0)
+            after = level + (peak - level) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+        else:
+            after = jnp.full_like(t, level)
+        if anneal_start:
+            frac = jnp.clip((t - anneal_start) / (steps - anneal_start), 0.0, 1.0)
+            after = jnp.where(t < anneal_start, after, level + (final - level) * frac)
         return jnp.where(t < warmup, warm, after)
 
     return schedule

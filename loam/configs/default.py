@@ -107,10 +107,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
-    c.optim.schedule = "cosine"  # cosine | wsd | constant
+    c.optim.schedule = "cosine"  # cosine | wsd | constant | infinite
     c.optim.warmup_steps = 30
     c.optim.final_lr_fraction = 0.1
     c.optim.decay_fraction = 0.2  # wsd: length of the final decay
+    # infinite: cosine cooldown from lr to constant_lr_fraction*lr over cooldown_steps after the
+    # warmup, then constant; from step anneal_start (0: never) linear to final_lr_fraction*lr.
+    c.optim.cooldown_steps = 0
+    c.optim.constant_lr_fraction = 0.5
+    c.optim.anneal_start = 0
     c.optim.weight_decay = 0.1
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95

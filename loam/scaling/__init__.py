@@ -1,4 +1,5 @@
-"""Scaling laws: Chinchilla approaches 1-3 fitted to a table of runs.
+"""Scaling laws fitted to a table of runs: Chinchilla approaches 1-3 (laws.py), the CMR law of
+continual pretraining (cmr.py) and data-constrained scaling (data_constrained.py).
 
 Command line: python -m loam.scaling.fit.
 """
