@@ -174,8 +174,10 @@ class MetricLogger(Hook):
 
 
 class SchedulePlot(Hook):
-    """schedule.png: mixture weights and learning rate against step. A static source is drawn
-    whole at the start; an adaptive one as realised so far, at every save and at the end."""
+    """schedule.png: mixture weights and learning rate against step (and the per-domain
+    weights a source plots beside them, its ``plotted_weights()``: DoReMi's α). A static source
+    is drawn whole at the start; an adaptive one as realised so far, at every save and at the
+    end."""
 
     def __init__(self, path: paths.PathLike, stream, lr_at, steps: int, enabled: bool = True):
         self.path, self.stream, self.lr_at, self.steps = paths.Path(path), stream, lr_at, steps
@@ -188,8 +190,9 @@ class SchedulePlot(Hook):
 
     def _draw(self, upto: int):
         if self.enabled and upto > 0:
+            extra = getattr(self.stream.source, "plotted_weights", None)
             plots.schedule_plot(self.path, self.stream.names, self.stream.weights_at, self.lr_at,
-                                upto, self.stage_starts)
+                                upto, self.stage_starts, extra() if extra else None)
 
     def on_save(self, step):
         if self.adaptive:

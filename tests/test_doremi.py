@@ -299,6 +299,10 @@ def test_doremi_run_moves_its_domain_weights(reference, doremi_run):
     assert output["mixing"]["method"] == "static"
     mean = {d: float(np.mean([a[d] for a in alphas])) for d in alphas[0]}
     assert output["data"]["weights"] == pytest.approx(mean, rel=1e-12)
+    # The schedule plot has α's panel between the sampling weights and the learning rate.
+    from matplotlib import image
+    heights = [image.imread(run / "schedule.png").shape[0] for run in (reference, doremi_run)]
+    assert heights == [550, 800]
 
 
 @pytest.mark.e2e
@@ -362,10 +366,63 @@ def test_bad_references_are_refused_before_training(reference, tmp_path):
     assert not (out / "config.json").exists()
 
 
+SWARM_SCRIPT = """
+import json, sys
+from loam.configs import default
+from loam.mixing import swarm as sw
+
+c = default.get_config("size=nano,steps=12,seq_len=64,batch_size=8")
+c.optim.warmup_steps = 2
+c.log_every, c.checkpoint_every, c.eval_every, c.keep_checkpoints = 1, 5, 1000, 5
+c.eval_tokens, c.eval_batch_size = 1024, 16
+doremi = {"method": "doremi", "doremi": {"reference": sys.argv[2]}}
+members = [sw.Member("uniform", seed=0, name="eta1", mixing=doremi),
+           sw.Member("uniform", seed=0, name="eta4",
+                     mixing={**doremi, "doremi": {"reference": sys.argv[2], "step_size": 4.0}}),
+           sw.Member("uniform", seed=0, name="odm", mixing={"method": "odm"})]
+sw.train_swarm(c, members, sys.argv[1], eval_domains=["code"], verbose=False)
+"""
+
+
 @pytest.mark.e2e
-def test_swarm_refuses_doremi_before_training(reference):
-    from loam import hooks
-    from loam import run as run_lib
-    stream = run_lib.build_stream(_config(reference))
-    with pytest.raises(ValueError, match="swarms do not run one yet"):
-        hooks.MixtureFeedback(stream)  # what a swarm builds for an online member
+def test_a_swarm_member_running_doremi_equals_the_single_run(reference, doremi_run, tmp_path):
+    """DoReMi members (η = 1 and 4) and an ODM member in one swarm: the reference runs in the
+    swarm's compiled step, member 0 matches the single DoReMi run (loss and α), the member with
+    η = 4 moves α further, and the ODM member learns from its own losses as usual."""
+    import subprocess
+
+    script = tmp_path / "swarm.py"
+    script.write_text(SWARM_SCRIPT)
+    out = tmp_path / "swarm"
+    subprocess.run([sys.executable, str(script), str(out), str(reference)], env=env(1),
+                   check=True, timeout=600, capture_output=True)
+    single, swarm = records(doremi_run), records(out)
+    assert sorted(swarm) == sorted(single)
+    names = list(single[1]["doremi_weights"])
+    for s in single:
+        np.testing.assert_allclose(swarm[s]["loss"][0], single[s]["loss"], rtol=2e-5)
+        np.testing.assert_allclose([swarm[s]["doremi_weights"][0][d] for d in names],
+                                   [single[s]["doremi_weights"][d] for d in names], rtol=1e-4)
+        assert swarm[s]["doremi_weights"][2] is None  # the ODM member reports no α
+    spread = [max(abs(v - 0.2) for v in swarm[12]["doremi_weights"][i].values()) for i in (0, 1)]
+    assert spread[1] > spread[0]
+    odm_weights = [swarm[s]["mixture_weights"][2] for s in sorted(swarm)]
+    assert len({json.dumps(w) for w in odm_weights}) > 2
+    # The swarm's checkpoint holds each DoReMi member's state, its reference step included.
+    meta = json.loads(next((out / "checkpoints" / "12").rglob("meta/metadata")).read_text())
+    assert [d["source_state"].get("reference_step") for d in meta["data"][:2]] == [12, 12]
+
+
+@pytest.mark.e2e
+def test_a_swarm_refuses_doremi_members_with_different_references(reference, tmp_path):
+    from loam.mixing import swarm as sw
+    other = tmp_path / "other_reference"
+    shutil.copytree(reference, other)
+    c = default.get_config("size=nano,steps=12,seq_len=64,batch_size=8")
+    c.optim.warmup_steps = 2
+    members = [sw.Member("uniform", mixing={"method": "doremi",
+                                            "doremi": {"reference": str(r)}})
+               for r in (reference, other)]
+    swarm = sw.Swarm(c, members, build_streams=True)
+    with pytest.raises(ValueError, match="different references"):
+        swarm.train_step(swarm.init(), swarm.batch(0))

@@ -166,6 +166,7 @@ class Swarm:
                     "single run with python -m loam.train")
         self._stacked = NamedSharding(self.mesh, P(MEMBER_AXIS))
         self._replicated = NamedSharding(self.mesh, P())
+        self.reference: Any = None  # DoReMi's reference model (loaded at the first step)
         self._train_step: Callable | None = None
         self._eval_step: Callable | None = None
         self._eval_sets: list[tuple[str, list, float]] | None = None
@@ -207,65 +208,113 @@ class Swarm:
 
     # -- the compiled step
 
-    def _member_step(self, params, opt_state, alive, lr, step, batch):
-        """One member's update: the trainer's own `step.update`, with the freeze mask on."""
+    def _member_step(self, params, opt_state, alive, lr, step, batch, reference_params=None):
+        """One member's update: the trainer's own `step.update`, with the freeze mask on (and
+        the DoReMi reference model run beside it when the swarm has one)."""
         state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
+        ref_model = None if self.reference is None else self.reference.model
         new, metrics = step_lib.update(state, batch, model=self.model,
                                        optimizer=self.optimizer(lr),
                                        num_domains=self.num_domains,
-                                       z_loss=self.config.optim.z_loss, alive=alive)
+                                       z_loss=self.config.optim.z_loss, alive=alive,
+                                       reference_params=reference_params,
+                                       reference_model=ref_model)
         return new.params, new.opt_state, metrics
 
     def _signature(self) -> str:
         """What the compiled step depends on besides its arguments: swarms with equal
         signatures share one compilation (a mixture search trains many such swarms)."""
         c = self.config
+        reference = (None if self.reference is None
+                     else [dataclasses.asdict(self.reference.model.cfg), self.reference.key])
         return json.dumps({"model": dataclasses.asdict(self.model_cfg), "k": self.k,
-                           "member_loop": self.member_loop,
+                           "member_loop": self.member_loop, "reference": reference,
                            "optim": c.optim.to_dict(), "steps": int(c.steps),
                            "mesh": [str(self.mesh.devices.tolist()), dict(self.mesh.shape)]},
                           sort_keys=True, default=str)
 
-    def _over_members(self, fn):
+    def _over_members(self, fn, shared: int = 0):
         """fn of one member -> fn of the stacked members: vmapped or mapped on each device, and
-        split over the mesh's member axis with shard_map (members never talk to each other)."""
-        if self.member_loop == "vmap":
-            local = jax.vmap(fn)
-        else:
-            def local(*args):
-                return jax.lax.map(lambda a: fn(*a), args)
+        split over the mesh's member axis with shard_map (members never talk to each other).
+        The last ``shared`` arguments are the same for every member (not stacked)."""
+        def local(*args):
+            split = len(args) - shared
+            stacked, common = args[:split], args[split:]
+            if self.member_loop == "vmap":
+                return jax.vmap(lambda *a: fn(*a, *common))(*stacked)
+            return jax.lax.map(lambda a: fn(*a, *common), stacked)
         if self.shards == 1:
             return local
-        return jax.shard_map(local, mesh=self.mesh, in_specs=P(MEMBER_AXIS),
-                             out_specs=P(MEMBER_AXIS), check_vma=False)
+
+        def sharded(*args):
+            specs = (P(MEMBER_AXIS),) * (len(args) - shared) + (P(),) * shared
+            return jax.shard_map(local, mesh=self.mesh, in_specs=specs,
+                                 out_specs=P(MEMBER_AXIS), check_vma=False)(*args)
+        return sharded
 
     def make_train_step(self, state_shardings: SwarmState):
-        members_step = self._over_members(self._member_step)
+        with_reference = self.reference is not None
+        members_step = self._over_members(self._member_step, shared=int(with_reference))
 
-        def train_step(state: SwarmState, batch, lrs):
+        def train_step(state: SwarmState, batch, lrs, *reference_params):
             steps = jnp.broadcast_to(state.step, (self.k,))
             params, opt, metrics = members_step(
-                state.params, state.opt_state, state.alive, lrs, steps, batch)
+                state.params, state.opt_state, state.alive, lrs, steps, batch, *reference_params)
             ok = metrics["alive"]
             newly_dead = state.alive & ~ok
             diverged_at = jnp.where(newly_dead, state.step, state.diverged_at)
             return SwarmState(step=state.step + 1, params=params, opt_state=opt, alive=ok,
                               diverged_at=diverged_at), metrics
 
-        return jax.jit(train_step,
-                       in_shardings=(state_shardings, self._stacked, self._stacked),
+        in_shardings = (state_shardings, self._stacked, self._stacked)
+        if with_reference:
+            in_shardings += (jax.tree.map(lambda _: self._replicated, self.reference.params),)
+        return jax.jit(train_step, in_shardings=in_shardings,
                        out_shardings=(state_shardings, self._replicated), donate_argnums=0)
 
     def train_step(self, state: SwarmState, batch):
         """(state, batch [K, B, L] features) -> (state, metrics [K, ...]); state is donated."""
         if self._train_step is None:
+            self._load_reference()
             key = ("train", self._signature())
             if key not in _COMPILED:
                 _COMPILED[key] = self.make_train_step(self.shardings(state))
             self._train_step = _COMPILED[key]
             self._lrs = jax.device_put(self.lrs, self._stacked)
         step_fn = self._train_step
-        return step_fn(state, batch, self._lrs)
+        if self.reference is None:
+            return step_fn(state, batch, self._lrs)
+        return step_fn(state, batch, self._lrs, self.reference.params)
+
+    # -- DoReMi members: one reference model, run beside every member in the compiled step
+
+    def _reference_sources(self) -> list:
+        """Weight sources that learn from the reference's excess loss (DoReMi)."""
+        return [s.source for s in (self.streams or ())
+                if getattr(s.source, "feedback_metric", "") == "domain_excess_sum"]
+
+    def _load_reference(self) -> None:
+        """Loads the reference the members' sources name (once their state is restored: a
+        resumed swarm keeps the reference step it started with)."""
+        sources = self._reference_sources()
+        if not sources or self.reference is not None:
+            return
+        keys = {(s.reference, s.reference_step) for s in sources}
+        if len(keys) > 1:
+            raise ValueError(f"the swarm's DoReMi members name different references {sorted(keys)}"
+                             "; a swarm runs one reference model: give every DoReMi member the "
+                             "same mixing.doremi.reference, or train them in separate swarms")
+        self.reference = sources[0].load_reference(self.mesh, self.seq_len)
+        self.reference.key = list(next(iter(keys)))
+        self.reference.params = jax.device_put(
+            self.reference.params, jax.tree.map(lambda _: self._replicated,
+                                                self.reference.params))
+
+    def feedback_metric(self, member: int) -> str:
+        """The per-domain sum member ``member``'s weight source reads from the step metrics."""
+        source = self.member_streams[member].source
+        wanted = getattr(source, "feedback_metric", "domain_loss_sum")
+        return wanted if self._reference_sources() else "domain_loss_sum"
 
     # -- data
 
@@ -276,8 +325,18 @@ class Swarm:
         return self.streams
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """Every member's batch at ``step`` stacked: [K, B, L] per feature."""
+        """Every member's batch at ``step`` stacked: [K, B, L] per feature; with per-token loss
+        weights (``token_weights``, 1 for members whose source reweights nothing) when some
+        member's source reweights its loss (DoReMi)."""
         parts = [s.batch(step) for s in self.member_streams]
+        weighted = [getattr(s.source, "token_weights", None) for s in self.member_streams]
+        if any(w is not None for w in weighted):
+            for stream, part, weights_of in zip(self.member_streams, parts, weighted):
+                table = np.ones(self.num_domains, np.float32)
+                if weights_of is not None:
+                    ids = dict(zip(stream.names, (int(i) for i in stream.domain_ids)))
+                    table[[ids[d] for d in stream.source.domains]] = weights_of(step)
+                part["token_weights"] = table[part["domain_ids"]]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
     def device_batch(self, batch: Mapping[str, np.ndarray]):
@@ -339,6 +398,14 @@ def _member_losses(m: dict, domain_ids: Sequence[int], domains: Sequence[str]) -
     return out
 
 
+def _source_metrics(streams, step: int) -> dict:
+    """What the members' weight sources report of ``step`` (e.g. DoReMi's domain weights), as
+    one list per key with a null for members whose source does not report it."""
+    reports = [getattr(s.source, "metrics_at", lambda _: {})(step) for s in streams]
+    keys = sorted({k for r in reports for k in r})
+    return {k: [r.get(k) for r in reports] for k in keys}
+
+
 def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                 eval_domains: Sequence[str] | None = None, mesh: Mesh | None = None,
                 verbose: bool = True, member_loop: str | None = None) -> dict:
@@ -393,8 +460,8 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
     domains = catalog_lib.mixture_domains(config)
     domain_ids = [run_lib.build_catalog(config).domain_id(d) for d in domains]
     # Online weight sources read each member's own per-domain losses, every step.
-    feedback = [(i, hooks_lib.MixtureFeedback(s)) for i, s in enumerate(swarm.member_streams)
-                if s.source.adaptive]
+    feedback = [(i, hooks_lib.MixtureFeedback(s, swarm.feedback_metric(i)))
+                for i, s in enumerate(swarm.member_streams) if s.source.adaptive]
     writer = metrics_lib.MetricWriter(workdir, "train")
     reported: set[int] = set(int(i) for i in np.flatnonzero(~np.asarray(state.alive)))
     last_loss = np.full(swarm.k, np.nan)
@@ -428,7 +495,8 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                                "mixture_weights": [
                                    dict(zip(domains, map(float, s.weights_at(step_no - 1))))
                                    for s in swarm.member_streams],
-                               "loss_per_domain": _member_losses(m, domain_ids, domains)})
+                               "loss_per_domain": _member_losses(m, domain_ids, domains),
+                               **_source_metrics(swarm.member_streams, step_no - 1)})
         if verbose:
             print(f"swarm step {step_no}/{config.steps}: mean loss "
                   f"{np.nanmean(np.where(m['alive'], m['loss'], np.nan)):.3f}, "

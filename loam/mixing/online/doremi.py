@@ -24,7 +24,8 @@ of the step) on every logged step.
 Hyperparameters: ``config.mixing.doremi = dict(reference=DIR, step_size=1.0, smoothing=1e-3)``;
 the reference's newest checkpoint is used, and a resumed run keeps the one it started with.
 ``config.data.weights`` is not read: the proxy samples with the weights the reference trained on.
-Swarms do not run the reference model, so they refuse DoReMi members.
+In a swarm (``loam.mixing.swarm``), DoReMi members sharing one reference run it beside every
+member in the swarm's compiled step (e.g. four values of η in one step).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class DoReMi(WeightSource):
     adaptive = True
     # What the proxy learns from: a per-domain sum the step computes only with the reference.
     feedback_metric = "domain_excess_sum"
-    feedback_hint = ("; DoReMi runs its reference model inside the step of python -m loam.train, "
-                     "and swarms do not run one yet: train each DoReMi proxy as a single run")
+    feedback_hint = ("; DoReMi runs its reference model inside the compiled step of "
+                     "python -m loam.train or of a swarm (loam.mixing.swarm)")
 
     def __init__(self, domains: Sequence[str], sampling, step_size: float = 1.0,
                  smoothing: float = 1e-3, reference: str = "", reference_step: int = 0):
@@ -111,6 +112,14 @@ class DoReMi(WeightSource):
         """Per-domain loss multipliers of ``step``: α_d / p_d (0 for a domain never sampled)."""
         p = self.sampling
         return np.divide(self.alpha_at(step), p, out=np.zeros_like(p), where=p > 0)
+
+    def plotted_weights(self):
+        """(label, step -> α in the order of ``domains``): the schedule plot's extra panel."""
+        return "DoReMi domain weights α", self.alpha_at
+
+    def load_reference(self, mesh, seq_len: int) -> Reference:
+        """The reference model at ``reference_step``, laid out on ``mesh``."""
+        return load_reference(self, mesh, seq_len)
 
     def metrics_at(self, step: int) -> dict:
         return {"doremi_weights": dict(zip(self.domains, map(float, self.alpha_at(step))))}
