@@ -266,7 +266,7 @@ class Swarm:
             return SwarmState(step=state.step + 1, params=params, opt_state=opt, alive=ok,
                               diverged_at=diverged_at), metrics
 
-        in_shardings = (state_shardings, self._stacked, self._stacked)
+        in_shardings: tuple = (state_shardings, self._stacked, self._stacked)
         if with_reference:
             in_shardings += (jax.tree.map(lambda _: self._replicated, self.reference.params),)
         return jax.jit(train_step, in_shardings=in_shardings,
@@ -401,7 +401,7 @@ def _member_losses(m: dict, domain_ids: Sequence[int], domains: Sequence[str]) -
 def _source_metrics(streams, step: int) -> dict:
     """What the members' weight sources report of ``step`` (e.g. DoReMi's domain weights), as
     one list per key with a null for members whose source does not report it."""
-    reports = [getattr(s.source, "metrics_at", lambda _: {})(step) for s in streams]
+    reports: list[dict] = [getattr(s.source, "metrics_at", lambda _: {})(step) for s in streams]
     keys = sorted({k for r in reports for k in r})
     return {k: [r.get(k) for r in reports] for k in keys}
 
