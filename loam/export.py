@@ -255,8 +255,6 @@ def _write_atomically(out: Path, write) -> None:
 
 def export(workdir, out, step: int | None = None) -> Path:
     """Writes a run's checkpoint (default: the newest) as a `transformers` Llama model."""
-    from safetensors.numpy import save_file
-
     out_dir = _new_directory(os.fspath(out), "--out")
     params, run, step = _load(workdir, step)
     try:
@@ -267,6 +265,7 @@ def export(workdir, out, step: int | None = None) -> Path:
         tensors = to_llama(params, cfg)
     finally:
         run.close()
+    save_file = _safetensors().save_file
 
     def write(tmp: Path):
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -282,6 +281,15 @@ def export(workdir, out, step: int | None = None) -> Path:
 
     _write_atomically(out_dir, write)
     return out_dir
+
+
+def _safetensors():
+    try:
+        from safetensors import numpy as safetensors_numpy
+    except ImportError:
+        raise ExportError("python -m loam.export needs safetensors: pip install -e '.[export]'"
+                          ) from None
+    return safetensors_numpy
 
 
 def _load(workdir, step):
@@ -346,8 +354,7 @@ def model_config_of(hf: dict) -> ModelConfig:
 
 def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of a directory's safetensors weights (one file, or shards with an index)."""
-    from safetensors.numpy import load_file
-
+    load_file = _safetensors().load_file
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(_read_json(index)["weight_map"].values()))
