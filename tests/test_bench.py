@@ -37,3 +37,19 @@ def test_swarm_bench_matches_sequential_losses(capsys):
     assert last["params_per_member"] == sizes.count_params(sizes.get_size("nano"))["non_embedding"]
     # Both sides trained the same members on the same batches: same losses.
     assert last["max_loss_difference"] < 1e-4
+
+
+def test_mixing_bench_prints_overheads_and_the_probe_speedup(capsys):
+    from loam.bench import mixing as bench_mixing
+    assert bench_mixing.main(["--steps", "6", "--skip", "2", "--update_steps", "3",
+                              "--probe_steps", "1", "--repeats", "1", "--seq_len", "32",
+                              "--batch_size", "8", "--eval_tokens", "256",
+                              "--methods", "doremi,aioli"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["methods"]) == {"static", "doremi", "aioli"}
+    for m in last["methods"].values():
+        assert m["step_overhead"] > 0 and m["step_s"] > 0
+    assert last["methods"]["static"]["step_overhead"] == 1.0
+    assert last["aioli_probe_swarm_speedup"] > 0
+    # Both sides trained the same probes on the same batches: the same held-out losses.
+    assert last["aioli_probe_max_loss_difference"] < 1e-4
