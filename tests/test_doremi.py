@@ -426,3 +426,33 @@ def test_a_swarm_refuses_doremi_members_with_different_references(reference, tmp
     swarm = sw.Swarm(c, members, build_streams=True)
     with pytest.raises(ValueError, match="different references"):
         swarm.train_step(swarm.init(), swarm.batch(0))
+
+
+@pytest.mark.e2e
+def test_iterated_doremi_trains_each_reference_on_the_previous_output(tmp_path, capsys):
+    from loam.mixing import doremi_rounds
+    workdir = tmp_path / "rounds"
+    flags = ["--config.model.size=nano", "--config.data.seq_len=32", "--config.data.batch_size=8",
+             "--config.steps=4", "--config.optim.warmup_steps=1", "--config.eval_tokens=256",
+             "--config.checkpoint_every=4", "--config.eval_every=4"]
+    doremi_rounds.main(["x", f"--config={default.__file__}", f"--workdir={workdir}",
+                        "--rounds=2", *flags])
+    result = json.loads((workdir / "rounds.json").read_text())
+    r1, r2 = result["rounds"]
+    proportional = json.loads((workdir / "round1" / "reference" / "config.json").read_text())
+    assert proportional["data"]["weights"] == pytest.approx(r1["reference_weights"], rel=1e-12)
+    assert r2["reference_weights"] == pytest.approx(r1["output_weights"], rel=1e-12)
+    ref2 = json.loads((workdir / "round2" / "reference" / "config.json").read_text())
+    assert ref2["data"]["weights"] == pytest.approx(r1["output_weights"], rel=1e-12)
+    proxy2 = json.loads((workdir / "round2" / "proxy" / "config.json").read_text())
+    assert proxy2["mixing"]["doremi"]["reference"] == str(workdir / "round2" / "reference")
+    for r in (r1, r2):
+        moved = 0.5 * sum(abs(r["output_weights"][d] - r["reference_weights"][d])
+                          for d in r["output_weights"])
+        assert r["total_variation"] == pytest.approx(moved) and moved > 0
+    # A rerun trains nothing and writes the same rounds.
+    stamp = (workdir / "round2" / "proxy" / "metrics.jsonl").stat().st_mtime_ns
+    doremi_rounds.main(["x", f"--config={default.__file__}", f"--workdir={workdir}",
+                        "--rounds=2", *flags])
+    assert (workdir / "round2" / "proxy" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert json.loads((workdir / "rounds.json").read_text()) == result
