@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, normalizers
 
 from loam import checkpoint as ckpt_lib
@@ -169,8 +170,6 @@ def hf_tokenizer(tokenizer: vocab_lib.Tokenizer) -> tokenizers.Tokenizer:
 
 
 def _from_sentencepiece(tokenizer: vocab_lib.Vocabulary) -> tokenizers.Tokenizer:
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer._data)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("swarm", ["loam.mixing.swarm"]),
     # Weight sources the trainer builds by name (config.mixing.method) and its output hook.
     ("online mixing", ["loam.mixing.online"]),
-    ("train, eval", ["loam.train", "loam.eval", "loam.average"]),
+    ("train, eval", ["loam.train", "loam.eval", "loam.average", "loam.generate", "loam.export"]),
     ("mixing, scaling, selection, experiments",
      ["loam.mixing", "loam.scaling", "loam.selection", "loam.experiments", "loam.sweep",
       "loam.mixsearch"]),
@@ -58,7 +58,8 @@ LAYERS: list[tuple[str, list[str]]] = [
 
 # Third-party packages a function may import lazily (top-level package names).
 HEAVY = {"tensorflow", "tensorflow_datasets", "tensorflow_text", "seqio", "matplotlib",
-         "lightgbm", "pyarrow", "apache_beam", "transformers", "datasets", "torch"}
+         "lightgbm", "pyarrow", "apache_beam", "transformers", "datasets", "torch",
+         "safetensors"}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from loam.scaling import cmr, data_constrained, fit
+from loam.scaling import cmr, data_constrained, tables
 from loam.scaling.parametric import ScalingFitError
 
 _HOLDOUT = re.compile(r"^\s*([A-Za-z_/][\w/.-]*)\s*>\s*([-+0-9.eE]+)\s*$")
@@ -46,7 +46,7 @@ def _missing(path, header, needed: dict[str, bool], what: str):
 
 
 def load_cmr_table(path, general_column: str = "loss") -> dict[str, np.ndarray]:
-  path, header, rows = fit.read_rows(path)
+  path, header, rows = tables.read_rows(path)
   tokens = "tokens" if "tokens" in header else "D"
   _missing(path, header, {"ratio": "ratio" in header, "tokens (or D)": tokens in header,
                           general_column: general_column in header},
@@ -54,9 +54,9 @@ def load_cmr_table(path, general_column: str = "loss") -> dict[str, np.ndarray]:
            "(--general-column).")
   if not rows:
     raise ScalingFitError(f"{path} has no run with status 'ok'; nothing to fit.")
-  return {"ratio": fit.numeric_column(path, rows, "ratio"),
-          "tokens": fit.numeric_column(path, rows, tokens),
-          "loss": fit.numeric_column(path, rows, general_column)}
+  return {"ratio": tables.numeric_column(path, rows, "ratio"),
+          "tokens": tables.numeric_column(path, rows, tokens),
+          "loss": tables.numeric_column(path, rows, general_column)}
 
 
 def cmr_report(table, *, tolerance: float = cmr.TOLERANCE, start_loss: float | None = None,
@@ -156,16 +156,16 @@ def plot_cmr(table, objects, out_dir) -> list[pathlib.Path]:
 
 
 def load_data_constrained_table(path) -> dict[str, np.ndarray]:
-  path, header, rows = fit.read_rows(path)
+  path, header, rows = tables.read_rows(path)
   _missing(path, header, {"N": "N" in header, "D or C": "D" in header or "C" in header,
                           "U": "U" in header, "loss": "loss" in header},
            "a data-constrained table needs N (parameters), D (tokens) or C (FLOPs), U (unique "
            "tokens the run drew from) and loss.")
   if not rows:
     raise ScalingFitError(f"{path} has no run with status 'ok'; nothing to fit.")
-  table = {k: fit.numeric_column(path, rows, k) for k in ("N", "U", "loss")}
-  table["D"] = (fit.numeric_column(path, rows, "D") if "D" in header
-                else fit.numeric_column(path, rows, "C") / (6.0 * table["N"]))
+  table = {k: tables.numeric_column(path, rows, k) for k in ("N", "U", "loss")}
+  table["D"] = (tables.numeric_column(path, rows, "D") if "D" in header
+                else tables.numeric_column(path, rows, "C") / (6.0 * table["N"]))
   table["epochs"] = table["D"] / table["U"]
   return table
 
