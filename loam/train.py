@@ -179,8 +179,8 @@ def _rounds_hook(config, workdir, model, mesh, stream, is_main: bool):
     source = stream.source
     if not isinstance(source, rounds.RoundsSource):
         return None
-    lab = rounds.Lab(config, model, mesh, source.domains, source.eval_tokens, source.probe_mode)
-    return rounds.Rounds(source, lab, workdir / "rounds.json", enabled=is_main)
+    return rounds.Rounds(source, source.make_lab(config, model, mesh), workdir / "rounds.json",
+                         enabled=is_main)
 
 
 def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, checkpointer,

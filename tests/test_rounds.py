@@ -19,7 +19,6 @@ from loam import run as run_lib
 from loam import step as step_lib
 from loam.configs import default
 from loam.data import weights as weights_lib
-from loam.mixing import swarm as swarm_lib
 from loam.mixing.online import aioli, rounds, skillit
 
 from helpers import CONFIG, SMALL, env, losses, run_train
@@ -194,12 +193,6 @@ def test_a_bad_value_from_the_command_line_is_one_line_and_writes_nothing(tmp_pa
     assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
 
 
-def test_swarms_refuse_rounds_methods():
-    c = default.get_config("runlocal")
-    with pytest.raises(ValueError, match="single run"):
-        swarm_lib.Swarm(c, [swarm_lib.Member("uniform", mixing={"method": "aioli"})])
-
-
 def test_state_round_trip_is_exact():
     source = aioli.Aioli(NAMES, [0.5, 0.3, 0.2], eta=0.7)
     before = np.array([5.0, 5.1, 5.2])
@@ -307,3 +300,45 @@ def test_the_output_mixture_of_an_aioli_run_trains(aioli_run, tmp_path):
     run_train(tmp_path / "transfer", "--config.steps=2", config=str(path), base=[], devices=1)
     for rec in records(tmp_path / "transfer").values():
         assert rec["mixture_weights"] == pytest.approx(dict(loaded.data.weights), rel=1e-14)
+
+
+SWARM_SCRIPT = """
+import sys
+from loam.configs import default
+from loam.mixing import swarm as sw
+
+c = default.get_config("size=nano,steps=12,seq_len=64,batch_size=8")
+c.optim.warmup_steps = 2
+c.log_every, c.checkpoint_every, c.eval_every, c.keep_checkpoints = 1, 4, 1000, 5
+c.eval_tokens, c.eval_batch_size = 1024, 4
+aioli = {"update_steps": 4, "probe_steps": 2, "eval_tokens": 512, "eta": 5.0}
+members = [sw.Member("uniform", seed=0, name="aioli", mixing={"method": "aioli", "aioli": aioli}),
+           sw.Member("uniform", seed=1, name="skillit",
+                     mixing={"method": "skillit", "skillit": {"update_steps": 3,
+                             "graph": "identity", "eval_tokens": 512}})]
+sw.train_swarm(c, members, sys.argv[1], eval_domains=["code"], verbose=False)
+"""
+
+
+@pytest.mark.e2e
+def test_a_swarm_member_running_aioli_equals_the_single_run(aioli_run, tmp_path):
+    """Rounds members in a swarm: the Aioli member's probes branch from its own parameters and
+    match the single run; the Skill-it member (identity graph, rounds every 3 steps) moves its
+    weights at its own rounds."""
+    import subprocess
+
+    script = tmp_path / "swarm.py"
+    script.write_text(SWARM_SCRIPT)
+    out = tmp_path / "swarm"
+    subprocess.run([sys.executable, str(script), str(out)], env=env(1), check=True,
+                   timeout=900, capture_output=True)
+    single, swarm = records(aioli_run), records(out)
+    assert sorted(swarm) == sorted(single)
+    names = list(single[1]["mixture_weights"])
+    for s in single:
+        np.testing.assert_allclose(swarm[s]["loss"][0], single[s]["loss"], rtol=2e-5)
+        np.testing.assert_allclose([swarm[s]["mixture_weights"][0][d] for d in names],
+                                   [single[s]["mixture_weights"][d] for d in names], rtol=1e-4)
+    skillit_w = [tuple(swarm[s]["mixture_weights"][1].values()) for s in sorted(swarm)]
+    changes = [s for s in range(1, 12) if skillit_w[s] != skillit_w[s - 1]]
+    assert changes and set(changes) <= {3, 6, 9}

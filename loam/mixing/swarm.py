@@ -2,8 +2,10 @@
 
 Parameters and optimiser states are stacked along a leading member axis and the trainer's own
 update (`loam.step.update`) is vmapped over it, so each member sees exactly what a single run
-with its own config would: its own mixture stream and weight source (static, staged or online),
-its own initialisation (seed) and its own peak learning rate. The member axis is sharded over
+with its own config would: its own mixture stream and weight source (static, staged or online:
+an online member gets its own losses every step, a DoReMi member the shared reference model's
+excess loss, an Aioli or Skill-it member its own rounds of probes and held-out evaluations), its
+own initialisation (seed) and its own peak learning rate. The member axis is sharded over
 the mesh's "data" axis when there is more than one device. A member whose loss, gradient or
 update goes non-finite is frozen (its update masked out) and reported; the others continue
 unaffected.
@@ -157,13 +159,6 @@ class Swarm:
         self.seeds = np.array([int(m.seed) for m in members], np.uint32)
         self.streams = ([run_lib.build_stream(c) for c in self.configs] if build_streams
                         else None)
-        for member, stream in zip(members, self.streams or ()):
-            if hasattr(stream.source, "run_round"):  # loam.mixing.online.rounds.RoundsSource
-                raise ValueError(
-                    f"swarm member {member.name or members.index(member)} uses "
-                    f"{type(stream.source).__name__}, whose rounds measure one model with probes "
-                    "or held-out evaluations the swarm's loop does not run; train it as a "
-                    "single run with python -m loam.train")
         self._stacked = NamedSharding(self.mesh, P(MEMBER_AXIS))
         self._replicated = NamedSharding(self.mesh, P())
         self.reference: Any = None  # DoReMi's reference model (loaded at the first step)
@@ -502,9 +497,31 @@ def train_swarm(config, members: Sequence[Member], workdir: str | Path,
                   f"{np.nanmean(np.where(m['alive'], m['loss'], np.nan)):.3f}, "
                   f"{int(m['alive'].sum())}/{swarm.k} alive, {tok_s:,.0f} tok/s", flush=True)
 
+    # Members whose weight source decides in rounds (Aioli, Skill-it): before a round's step,
+    # the member's own parameters and optimiser state go to its source's lab, as in a run.
+    rounds_members = [(i, s.source) for i, s in enumerate(swarm.member_streams)
+                      if hasattr(s.source, "run_round")]  # loam.mixing.online.rounds
+    labs: dict[int, Any] = {}
+
+    def run_rounds(step: int) -> None:
+        due = [(i, source) for i, source in rounds_members if source.due(step)]
+        if not due:
+            return
+        params, opt_state = jax.device_get((state.params, state.opt_state))
+        for i, source in due:
+            if i not in labs:
+                c = swarm.configs[i]
+                labs[i] = source.make_lab(c, swarm.model, run_lib.build_mesh(c))
+            member = step_lib.TrainState(step=jnp.asarray(step, jnp.int32),
+                                         params=jax.tree.map(lambda x, i=i: x[i], params),
+                                         opt_state=jax.tree.map(lambda x, i=i: x[i], opt_state))
+            source.run_round(step, labs[i].at(step, member))
+            labs[i].state = None
+
     pending = None
     try:
         for step in range(start, config.steps):
+            run_rounds(step)
             state, metrics = swarm.train_step(state, swarm.batch(step))
             tokens_done += swarm.k * swarm.batch_size * swarm.seq_len
             if pending is not None:

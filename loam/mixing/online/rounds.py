@@ -65,6 +65,10 @@ class RoundsSource(WeightSource):
     def run_round(self, step: int, lab: Lab) -> None:
         raise NotImplementedError
 
+    def make_lab(self, config, model, mesh) -> Lab:
+        """The lab of this source's rounds for a run (or a swarm member) of ``config``."""
+        return Lab(config, model, mesh, self.domains, self.eval_tokens, self.probe_mode)
+
     def round_log(self) -> list[dict]:
         """What the rounds measured and decided, JSON-able (written to ``rounds.json``)."""
         return []
