@@ -4,25 +4,29 @@
 
 The held-out set is fixed by the config (the validation split of each domain, packed
 deterministically, capped at `config.eval_tokens` tokens per domain), so numbers from different
-steps and runs are comparable. Results go to DIR/eval/step_N.json, eval.jsonl and TensorBoard
-(DIR a local path or gs://bucket/run, as loam.train takes it).
+steps and runs are comparable. The downstream evaluators of `config.evals` (loam/evals/: probes
+built from held-out documents, multiple-choice and cloze task files) add their metrics under
+"downstream". Results go to DIR/eval/step_N.json, eval.jsonl and TensorBoard (DIR a local path
+or gs://bucket/run, as loam.train takes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 
 import jax
 import numpy as np
 
-from loam import cli, paths
+from loam import cli, evals, paths
 from loam import metrics as metrics_lib
 from loam import run as run_lib
 from loam import step as step_lib
 from loam.data import heldout
 from loam.data.stream import BLOCK_TOKENS
+from loam.evals.scoring import Scorer
 from loam.model import sharding
 from loam.workdir import write_json
 
@@ -67,6 +71,9 @@ class Evaluator:
         self._sets = None
         self._vocab_size = model.cfg.vocab_size
         self.stream = stream
+        self.model = model
+        # Checked (and task files read) now: a bad entry stops a run before it trains.
+        self.downstream = evals.build(config.get("evals") or [], config)
 
     @property
     def sets(self) -> list[EvalSet]:
@@ -101,6 +108,10 @@ class Evaluator:
             "unigram_loss_domain_mean": float(np.mean(
                 [v["unigram_loss"] for v in per_domain.values()])),
         }
+        if self.downstream:
+            scorer = Scorer(self.model, params, run_lib.build_catalog(self.config).tokenizer,
+                            self.mesh, rows=int(self.config.eval_batch_size))
+            record["downstream"] = {e.name: e.run(scorer) for e in self.downstream}
         if self.stream is not None:
             record["mixture_weights"] = dict(zip(
                 self.domains, map(float, self.stream.weights_at(max(step - 1, 0)))))
@@ -120,13 +131,24 @@ def format_table(record: dict) -> str:
     rows.append(f"{'mean':12s} {record['loss_domain_mean']:7.3f} "
                 f"{record['bits_per_byte_domain_mean']:7.3f} "
                 f"{record['unigram_loss_domain_mean']:8.3f}")
+    for name, metrics in record.get("downstream", {}).items():
+        rows.append(f"{name}: acc {metrics.get('acc', float('nan')):.3f} acc_norm "
+                    f"{metrics.get('acc_norm', float('nan')):.3f} (chance "
+                    f"{metrics.get('chance', float('nan')):.3f})")
+        for part, m in {**metrics.get("tasks", {}), **metrics.get("domains", {})}.items():
+            rows.append(f"  {part:12s} acc {m['acc']:.3f} acc_norm {m['acc_norm']:.3f} "
+                        f"chance {m['chance']:.3f} n {m['n']}")
     return f"eval at step {record['eval_step']}\n" + "\n".join(rows)
 
 
 def evaluate_workdir(workdir: paths.PathLike, steps: list[int] | None = None,
-                     all_steps: bool = False) -> list[dict]:
-    """Evaluates checkpoints of a run directory (default: the newest)."""
+                     all_steps: bool = False, evals_override: list | None = None) -> list[dict]:
+    """Evaluates checkpoints of a run directory (default: the newest); ``evals_override``
+    replaces the run's config.evals (the downstream evaluators)."""
     run = run_lib.open_run(os.fspath(workdir))
+    if evals_override is not None:
+        with run.config.unlocked():
+            run.config.evals = evals_override
     try:
         available = run.steps()
         if not available:
@@ -157,10 +179,22 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, action="append", help="checkpoint step (repeatable)")
     g.add_argument("--all", action="store_true", help="every checkpoint in the run")
+    p.add_argument("--evals", default=None,
+                   help="downstream evaluators instead of the run's config.evals: a JSON list, "
+                        "e.g. '[{\"kind\": \"probes\"}]' (loam/evals/)")
     args = p.parse_args(argv)
     cli.quiet_logs()
     with cli.user_errors():
-        evaluate_workdir(args.workdir, args.step, args.all)
+        override = None
+        if args.evals is not None:
+            try:
+                override = json.loads(args.evals)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--evals is not valid JSON ({e}); give a list such as "
+                                 "'[{\"kind\": \"probes\"}]'") from None
+            if not isinstance(override, list):
+                override = [override]
+        evaluate_workdir(args.workdir, args.step, args.all, override)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def _get(config, dotted: str):
 # Fields added to the config after runs were made with it: a saved config without one meant this.
 ADDED_LATER = {"mixing": {"method": "static"},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
-               "data.tokenizer": "bundled"}
+               "data.tokenizer": "bundled",
+               "evals": []}
 
 
 def with_added_later(config: dict) -> dict:

@@ -33,7 +33,9 @@ runs are retried. Each finished run is a row of DIR/results.csv, rewritten atomi
   run_id, status (ok | failed), the run's axis values, N (non-embedding) and N_total, D (tokens
   trained: steps * batch_size * seq_len), C = 6ND, C_attn = D * sizes.flops_per_token (output
   projection and the attention scores included), steps and model shape, loss (mean over domains)
-  and loss/<domain> from the final eval, wall_seconds (summed over attempts), error (log tail).
+  and loss/<domain> from the final eval, the downstream metrics of its config.evals
+  (eval/<evaluator>/<metric>, eval/<evaluator>/<task or domain>/<metric>), wall_seconds (summed over
+  attempts), error (log tail).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ _FIRST_COLUMNS = ("run_id", "status")
 _SIZE_COLUMNS = ("N", "N_total", "D", "C", "C_attn", "steps", "d_model", "n_layers", "n_heads",
                  "mlp_dim")
 _LAST_COLUMNS = ("wall_seconds", "error")
+_DOWNSTREAM = "eval/"  # the prefix of downstream-metric columns
 
 
 class SweepError(ValueError):
@@ -313,6 +316,21 @@ def _read_eval(path: Path) -> dict[str, float]:
                              f"{type(e).__name__}: {e})") from None
 
 
+def downstream_columns(record: dict) -> dict[str, float]:
+    """The downstream metrics of an eval record as results-table columns: <evaluator>/<metric>
+    and <evaluator>/<task or domain>/<metric> (what a search or a fit may target)."""
+    out: dict[str, float] = {}
+    for name, metrics in (record.get("downstream") or {}).items():
+        for key, value in metrics.items():
+            if isinstance(value, dict):  # per task or per domain
+                for part, m in value.items():
+                    out.update({f"{name}/{part}/{k}": float(v) for k, v in m.items()
+                                if isinstance(v, (int, float))})
+            elif isinstance(value, (int, float)):
+                out[f"{name}/{key}"] = float(value)
+    return out
+
+
 def is_finished(workdir, run: Run) -> bool:
     """Final checkpoint and a readable final eval, written under this very config."""
     d, steps = run_dir(workdir, run), run.config["steps"]
@@ -395,6 +413,8 @@ def result_row(workdir, run: Run, shapes: dict) -> dict | None:
     if finished and losses:
         row.update({f"loss/{d}": v for d, v in losses.items()})
         row["loss"] = sum(losses.values()) / len(losses)
+        row.update({_DOWNSTREAM + k: v for k, v in
+                    downstream_columns(read_json(_final_eval_path(workdir, run))).items()})
     row["wall_seconds"] = status.get("wall_seconds", "")
     row["error"] = "" if finished else problem or status.get("error", "")
     return row
@@ -404,10 +424,12 @@ def _write_table(path: Path, rows: list[dict]):
     columns = list(_FIRST_COLUMNS)
     for row in rows:  # axis values, in first-seen order
         columns += [k for k in row if k not in columns and k not in _SIZE_COLUMNS
-                    and k not in _LAST_COLUMNS and not k.startswith("loss")]
+                    and k not in _LAST_COLUMNS and not k.startswith(("loss", _DOWNSTREAM))]
     columns += list(_SIZE_COLUMNS) + ["loss"]
     for row in rows:
         columns += [k for k in row if k.startswith("loss/") and k not in columns]
+    for row in rows:
+        columns += [k for k in row if k.startswith(_DOWNSTREAM) and k not in columns]
     columns += list(_LAST_COLUMNS)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:

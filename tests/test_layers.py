@@ -48,7 +48,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("swarm", ["loam.mixing.swarm"]),
     # Weight sources the trainer builds by name (config.mixing.method) and its output hook.
     ("online mixing", ["loam.mixing.online"]),
-    ("train, eval", ["loam.train", "loam.eval", "loam.average", "loam.generate", "loam.export"]),
+    ("train, eval", ["loam.train", "loam.eval", "loam.evals", "loam.average", "loam.generate",
+                     "loam.export"]),
     ("mixing, scaling, selection, experiments",
      ["loam.mixing", "loam.scaling", "loam.selection", "loam.experiments", "loam.sweep",
       "loam.mixsearch"]),

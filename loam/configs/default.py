@@ -134,6 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 16
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
+    # Downstream evaluators run at every eval (loam/evals/, one module per kind), e.g.
+    # [{"kind": "probes"}, {"kind": "multiple_choice", "tasks": "tasks/*.jsonl"}].
+    c.evals = []
 
     if a.runlocal:  # size, steps, seq_len and batch_size come from RUNLOCAL (explicit args win)
         c.optim.warmup_steps = 5
