@@ -6,6 +6,7 @@ benchmarks all build through here, so a config means the same thing everywhere.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from typing import Any
@@ -73,6 +74,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
+    if c.get("init") is not None and c.init.get("carry", "params") not in INIT_CARRY:
+        raise ConfigError(f"init.carry={c.init.carry!r}; choose one of {', '.join(INIT_CARRY)}")
     return c, notes
 
 
@@ -152,6 +155,7 @@ def _get(config, dotted: str):
 
 # Fields added to the config after runs were made with it: a saved config without one meant this.
 ADDED_LATER = {"mixing": {"method": "static"},
+               "init": {"checkpoint": "", "carry": "params"},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
                "data.tokenizer": "bundled",
                "evals": []}
@@ -346,3 +350,158 @@ def load_params(workdir: paths.PathLike, step: int | None = None, devices=None):
     step = run.pick_step(step)
     params = run.checkpointer.restore_params(step, run.abstract.params)
     return params, run, step
+
+
+# --------------------------------------------------------------------------- init from another run
+
+# What a run started from another run's checkpoint (config.init.checkpoint) takes from it:
+# - "params": the parameters; optimizer state, step and schedule start afresh.
+# - "params+opt": the parameters and Adam's moments (with their own bias-correction count, which
+#   belongs to them: restarting it would scale the carried moments by 1/(1-b1)); the step and the
+#   learning-rate schedule start at 0.
+# - "all": the whole training state (parameters, optimizer state, step): the new run counts on
+#   from the source's step, so its schedule is the new config's read from that step on (an anneal
+#   branched from a constant phase); its batches are the new config's at those steps, which for
+#   unchanged data are the very batches the source run would have trained on next.
+INIT_CARRY = ("params", "params+opt", "all")
+
+
+def parse_init(spec: str) -> tuple[str, int | None]:
+    """"DIR[:STEP]" -> (DIR, STEP or None); a URL's own colon is part of DIR."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and tail.isdigit():
+        return head, int(tail)
+    if sep and head and tail and "/" not in tail:
+        raise ConfigError(f"init.checkpoint={spec!r}: the step after ':' must be a number "
+                          "(DIR or DIR:STEP)")
+    return spec, None
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    """The steps saved in a run directory, read from the listing (opens nothing for writing)."""
+    return sorted(int(p.name) for p in paths.iterdir(paths.Path(workdir) / "checkpoints")
+                  if p.name.isdigit())
+
+
+def _tokenizer(config) -> vocab_lib.Tokenizer:
+    return vocab_lib.get_tokenizer(config.data.get("tokenizer") or "bundled")
+
+
+def _check_init_fits(config, source, where: str) -> None:
+    """One line for the first of vocabulary, tokenizer or model shape that differs."""
+    mine, theirs = _tokenizer(config), _tokenizer(source)
+    if mine.vocab_size != theirs.vocab_size:
+        raise ConfigError(
+            f"init.checkpoint={where}: vocabulary mismatch: the source run's tokenizer "
+            f"({source.data.get('tokenizer') or 'bundled'}) has {theirs.vocab_size} ids, this "
+            f"config's ({config.data.tokenizer}) {mine.vocab_size}; continue with the source's "
+            f"tokenizer (--config.data.tokenizer={source.data.get('tokenizer') or 'bundled'})")
+    if mine.fingerprint != theirs.fingerprint:
+        raise ConfigError(
+            f"init.checkpoint={where}: tokenizer mismatch: the source run was trained with "
+            f"{source.data.get('tokenizer') or 'bundled'} and this config uses "
+            f"{config.data.tokenizer}, which has as many ids but other pieces (the embeddings "
+            "would mean other text); continue with the source's tokenizer "
+            f"(--config.data.tokenizer={source.data.get('tokenizer') or 'bundled'})")
+    a, b = model_config(source, theirs.vocab_size), model_config(config, mine.vocab_size)
+    for field in (*SHAPE_FIELDS, "head_dim", "tied_embeddings"):
+        if getattr(a, field) != getattr(b, field):
+            raise ConfigError(
+                f"init.checkpoint={where}: model shape mismatch: {field} is {getattr(a, field)} "
+                f"in the source run (model.size={source.model.size}) but {getattr(b, field)} in "
+                f"this config (model.size={config.model.size}); start from a run of this shape, "
+                f"or give this run the source's (--config.model.size={source.model.size} and "
+                "its shape fields)")
+
+
+def resolve_init(config: ml_collections.ConfigDict, workdir: paths.PathLike,
+                 resuming: bool) -> ml_collections.ConfigDict:
+    """The config with ``init`` resolved, checked before anything is written.
+
+    A run that resumes its own checkpoints keeps the init block it started with (a different
+    one given now is ignored, with a note). A new run gets, beside ``checkpoint`` and ``carry``,
+    where it starts: ``source`` (the source run directory, absolute), ``step`` and
+    ``source_config_sha256`` (of the source's config.json), and the source's own init block as
+    ``source_init`` when the source was itself started from another run: the chain of runs.
+    The source is only read.
+    """
+    init = config.get("init")
+    if init is None:
+        return config
+    c = copy_config(config)
+    if resuming:
+        saved = _get(read_config(workdir), "init") if paths.exists(
+            paths.Path(workdir) / "config.json") else None
+        saved = saved or json.loads(json.dumps(ADDED_LATER["init"]))
+        if init.get("checkpoint") and init.checkpoint != saved.get("checkpoint"):
+            print(f"note: init.checkpoint={init.checkpoint} is ignored: {workdir} resumes its "
+                  "own checkpoints", flush=True)
+        with c.unlocked():
+            c.init = ml_collections.ConfigDict(saved)
+        return c
+    spec = str(init.get("checkpoint") or "")
+    carry = str(init.get("carry") or "params")
+    if not spec:
+        with c.unlocked():
+            c.init = ml_collections.ConfigDict({"checkpoint": "", "carry": carry})
+        return c
+    where, step = parse_init(spec)
+    src = paths.absolute(where)
+    if not paths.exists(src / "config.json"):
+        raise ConfigError(f"init.checkpoint={spec}: {src} is not a loam run directory (no "
+                          "config.json); name the workdir of a run trained by python -m "
+                          "loam.train")
+    available = _checkpoint_steps(src)
+    if not available:
+        raise ConfigError(f"init.checkpoint={spec}: {src} holds no checkpoints to start from; "
+                          "train it until it saves one (checkpoint_every) or name another run")
+    if step is None:
+        step = available[-1]
+    elif step not in available:
+        raise ConfigError(f"init.checkpoint={spec}: {src} has no checkpoint at step {step}; "
+                          f"its checkpoints are at steps {available}")
+    if paths.absolute(workdir) == src:
+        raise ConfigError(f"init.checkpoint={spec} names this run's own workdir; to continue a "
+                          "run, rerun it without init.checkpoint")
+    source = read_config(src)
+    _check_init_fits(c, source, spec)
+    if carry == "all" and int(c.steps) <= step:
+        raise ConfigError(f"init.carry=all continues the source's step counter from {step}, so "
+                          f"steps={c.steps} leaves nothing to train; set steps > {step}")
+    record: dict[str, Any] = {
+        "checkpoint": spec, "carry": carry, "source": str(src), "step": int(step),
+        "source_config_sha256": hashlib.sha256(
+            paths.read_bytes(src / "config.json")).hexdigest()}
+    if source.get("init") is not None and source.init.get("checkpoint"):
+        record["source_init"] = source.init.to_dict()
+    with c.unlocked():
+        c.init = ml_collections.ConfigDict(record)
+    return c
+
+
+def restore_init(config, state, state_shardings) -> tuple[Any, int, dict | None]:
+    """(state, start step, the source checkpoint's metadata for carry=all else None): ``state``
+    (a freshly initialised one, on this run's mesh) with what ``config.init`` carries over from
+    the source checkpoint, read onto this run's shardings. The source is only read."""
+    init = config.init
+    abstract = ckpt_lib.abstract_like(state, state_shardings)
+    checkpointer = ckpt_lib.Checkpointer(paths.Path(init.source) / "checkpoints",
+                                         async_save=False)
+    try:
+        if init.carry == "params":
+            return state.replace(params=checkpointer.restore_params(
+                int(init.step), abstract.params)), 0, None
+        try:
+            restored, meta = checkpointer.restore(int(init.step), abstract)
+        except ckpt_lib.CheckpointMismatch:
+            raise ConfigError(
+                f"init.carry={init.carry}: the optimizer state saved at step {init.step} of "
+                f"{init.source} has another structure than this config's optimizer; carry the "
+                "parameters alone (init.carry=params)") from None
+        if init.carry == "all":
+            return restored, int(meta["step"]), meta
+        opt_state = tuple(theirs if isinstance(theirs, optax.ScaleByAdamState) else mine
+                          for mine, theirs in zip(state.opt_state, restored.opt_state))
+        return state.replace(params=restored.params, opt_state=opt_state), 0, None
+    finally:
+        checkpointer.close()

@@ -105,6 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"update_steps": 50, "start": 0, "eta": 0.5, "window": 3, "graph": "linear",
          "graph_steps": 20, "eval_tokens": 8192, "probes": "swarm"})
 
+    # Continual pretraining: start from another run's checkpoint, "DIR" (its newest) or
+    # "DIR:STEP"; empty: from scratch. carry: "params" | "params+opt" (Adam's moments too; step
+    # and schedule from 0) | "all" (the whole state: the step counter and schedule continue).
+    c.init = ml_collections.ConfigDict({"checkpoint": "", "carry": "params"})
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
     c.optim.schedule = "cosine"  # cosine | wsd | constant | infinite

@@ -1,0 +1,227 @@
+"""Continual pretraining: a run started from another run's checkpoint (config.init), and the
+anneal branched from a checkpoint in the constant phase (loam/configs/anneal.py).
+
+One miniature source run (infinite schedule, checkpoints at 4, 8, 12) is shared by the module;
+the source directory is checked unchanged at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from sentencepiece import sentencepiece_model_pb2
+from test_online import records
+
+from loam import run as run_lib
+from loam import step as step_lib
+from loam import train as train_lib
+from loam.data import vocab as vocab_lib
+
+from helpers import CONFIG, ROOT, SMALL, env, losses, run_train
+
+SOURCE = [*SMALL, "--config.optim.schedule=infinite"]
+
+
+def _kill_after_checkpoint(cmd, workdir: Path, step: int) -> None:
+    """Start cmd; SIGKILL it once its checkpoint at `step` is complete (orbax's final name)."""
+    proc = subprocess.Popen(cmd, env=env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "checkpoints" / str(step)).exists():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    src = tmp_path_factory.mktemp("init") / "source"
+    run_train(src, *SOURCE, devices=1)
+    before = _snapshot(src)
+    yield src
+    assert _snapshot(src) == before, "the source run was modified"
+
+
+def _state_from(src: Path, workdir: Path, carry: str, step: int = 8):
+    """The training state a run started from `src` would begin with (before its first step)."""
+    config = run_lib.read_config(src)
+    config.init.checkpoint, config.init.carry = f"{src}:{step}", carry
+    config, _ = run_lib.resolve_config(config)
+    config = run_lib.resolve_init(config, workdir, resuming=False)
+    model, optimizer = run_lib.build_model(config), run_lib.build_optimizer(config)
+    mesh = run_lib.build_mesh(config)
+    state, shardings = step_lib.init_state(model, optimizer, jax.random.PRNGKey(1), mesh,
+                                           config.data.seq_len, config.data.batch_size)
+    fresh = jax.device_get(state)
+    state, start, _ = run_lib.restore_init(config, state, shardings)
+    return config, jax.device_get(state), fresh, start
+
+
+def _adam(opt_state):
+    return next(s for s in opt_state if isinstance(s, optax.ScaleByAdamState))
+
+
+def _equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_each_carry_choice_takes_what_it_names(source, tmp_path):
+    run = run_lib.open_run(source)
+    saved = jax.device_get(run.restore(8)[0])
+    run.close()
+    params, _, _ = run_lib.load_params(source, 8)
+    params = jax.device_get(params)
+
+    config, got, fresh, start = _state_from(source, tmp_path / "p", "params")
+    assert config.init.to_dict() == {
+        "checkpoint": f"{source}:8", "carry": "params", "source": str(source), "step": 8,
+        "source_config_sha256": __import__("hashlib").sha256(
+            (source / "config.json").read_bytes()).hexdigest()}
+    assert start == 0 and int(got.step) == 0
+    assert _equal(got.params, params) and not _equal(fresh.params, params)
+    assert _equal(got.opt_state, fresh.opt_state)  # moments zero, counts 0
+
+    _, got, fresh, start = _state_from(source, tmp_path / "po", "params+opt")
+    assert start == 0 and int(got.step) == 0
+    assert _equal(got.params, params)
+    adam, theirs = _adam(got.opt_state), _adam(saved.opt_state)
+    assert _equal((adam.mu, adam.nu), (theirs.mu, theirs.nu))
+    assert np.abs(jax.tree.leaves(adam.mu)[0]).sum() > 0
+    assert int(adam.count) == 8  # the moments keep their bias correction
+    assert int(got.opt_state[-1].count) == 0  # the schedule starts again
+    assert _equal(got.opt_state[-1], fresh.opt_state[-1])
+
+    _, got, _, start = _state_from(source, tmp_path / "all", "all", step=4)
+    assert start == 4 and int(got.step) == 4
+    assert _equal(got, jax.device_get(run_lib.open_run(source).restore(4)[0]))
+    assert int(got.opt_state[-1].count) == 4
+
+
+def test_a_started_run_records_its_start_and_resumes_bit_exactly_after_sigkill(source,
+                                                                                  tmp_path):
+    init = [f"--config.init.checkpoint={source}:8", "--config.init.carry=params+opt",
+            "--config.steps=8"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    proc = run_train(ref, *SMALL, *init, devices=1)
+    assert f"started from {source} step 8 (init.carry=params+opt) at step 0" in proc.stdout
+    want = records(ref)
+    assert sorted(want) == list(range(1, 9))
+    saved = json.loads((ref / "config.json").read_text())["init"]
+    assert saved["source"] == str(source) and saved["step"] == 8
+    meta = json.loads(next((ref / "checkpoints" / "4").rglob("meta/metadata")).read_text())
+    assert meta["init"] == saved
+    # The source's parameters after 8 steps start far below a fresh model's loss.
+    assert want[1]["loss"] < records(source)[1]["loss"] - 0.5
+
+    cmd = [sys.executable, "-m", "loam.train", f"--config={CONFIG}", f"--workdir={killed}",
+           *SMALL, *init]
+    _kill_after_checkpoint(cmd, killed, 4)
+    assert max(losses(killed)) < 8, "the run finished before it could be killed"
+    # Resumed with init now naming another checkpoint: the run's own checkpoints win.
+    other = [f"--config.init.checkpoint={source}:4", *init[1:]]
+    proc = run_train(killed, *SMALL, *other, devices=1)
+    assert "is ignored" in proc.stdout and "resumed from checkpoint at step 4" in proc.stdout
+    got = records(killed)
+    assert sorted(got) == sorted(want)
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"], s
+    assert json.loads((killed / "config.json").read_text())["init"] == saved
+
+
+def test_anneal_branches_from_the_named_checkpoint(source, tmp_path):
+    out = tmp_path / "anneal"
+    run_train(out, config=f"{ROOT}/loam/configs/anneal.py:from={source}:8,steps=3", base=[],
+              devices=1)
+    got, src = records(out), records(source)
+    assert sorted(got) == [9, 10, 11]
+    # Step 9's loss is that of the source's batch 8 on its checkpoint 8: the same floats.
+    assert got[9]["loss"] == src[9]["loss"]
+    assert got[9]["lr"] == src[9]["lr"] and got[11]["lr"] < got[10]["lr"] < src[11]["lr"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["init"]["carry"] == "all" and config["init"]["step"] == 8
+    assert config["optim"]["anneal_start"] == 8 and config["steps"] == 11
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["11"]
+
+
+def _sentencepiece(path: Path, drop: bool) -> Path:
+    """The bundled SentencePiece model with one piece dropped (another vocabulary) or one score
+    changed (the same size, another tokenizer)."""
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(Path(vocab_lib.MODEL_PATH).read_bytes())
+    if drop:
+        del m.pieces[-1]
+    else:
+        m.pieces[500].score -= 1.0
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_bad_init_is_one_line_and_writes_nothing(source, tmp_path):
+    def edited(name, edit):  # the source's checkpoints with an edited config
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "checkpoints").symlink_to(source / "checkpoints")
+        saved = json.loads((source / "config.json").read_text())
+        edit(saved)
+        (directory / "config.json").write_text(json.dumps(saved))
+        return directory
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((source / "config.json").read_text())
+    other_vocab = edited("vocab", lambda c: c["data"].update(
+        tokenizer=str(_sentencepiece(tmp_path / "small.model", drop=True))))
+    other_tok = edited("tok", lambda c: c["data"].update(
+        tokenizer=str(_sentencepiece(tmp_path / "other.model", drop=False))))
+    # Through the command line: one error line, exit 1, nothing written.
+    out = tmp_path / "cli"
+    proc = run_train(out, *SOURCE, f"--config.init.checkpoint={empty}", check=False,
+                     devices=1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "holds no checkpoints to start from" in line, line
+    assert not out.exists()
+    assert os.listdir(empty) == ["config.json"]
+
+    # The other checks in this process (the same train() the command calls).
+    cases = [
+        ({"init.checkpoint": f"{source}:5"},
+         "has no checkpoint at step 5; its checkpoints are at steps [4, 8, 12]"),
+        ({"init.checkpoint": str(other_vocab)}, "vocabulary mismatch"),
+        ({"init.checkpoint": str(other_tok)}, "tokenizer mismatch"),
+        ({"init.checkpoint": str(source), "model.size": "micro"},
+         "model shape mismatch: d_model"),
+        ({"init.checkpoint": str(source), "init.carry": "moments"}, "init.carry='moments'"),
+        ({"init.checkpoint": f"{source}:8", "init.carry": "all", "steps": 8},
+         "steps=8 leaves nothing to train"),
+    ]
+    for i, (fields, message) in enumerate(cases):
+        config = run_lib.read_config(source)
+        for key, value in fields.items():
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        out = tmp_path / f"out{i}"
+        with pytest.raises(ValueError) as e:
+            train_lib.train(config, out)
+        assert message in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+        assert not out.exists(), message
