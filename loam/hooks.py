@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from loam import metrics as metrics_lib
-from loam import paths, plots
+from loam import paths, plot, plots
 
 
 class Hook:
@@ -202,3 +202,27 @@ class SchedulePlot(Hook):
     def on_end(self, step):
         if self.adaptive:
             self._draw(step)
+
+
+class CurvesPlot(Hook):
+    """curves.png: the run's per-domain training and held-out losses, realised mixture weights
+    and downstream metrics (loam.plot), redrawn from its metrics.jsonl and eval.jsonl at every
+    save and at the end."""
+
+    def __init__(self, workdir: paths.PathLike, enabled: bool = True):
+        self.workdir, self.enabled = paths.Path(workdir), enabled
+
+    def _draw(self):
+        if not (self.enabled and metrics_lib.jsonl_exists(self.workdir / "metrics.jsonl")):
+            return
+        try:
+            plot.plot_runs([plot.read_curves(self.workdir)], self.workdir / "curves.png")
+        except (OSError, ValueError) as e:  # a plot never stops (or masks the end of) a run
+            print(f"warning: curves.png not drawn: {e}", flush=True)
+
+    def on_save(self, step):
+        self._draw()
+        return None
+
+    def on_end(self, step):
+        self._draw()

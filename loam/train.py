@@ -220,6 +220,7 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
                                perf.matmul_peak_flops() * jax.device_count(), start),
         hooks_lib.SchedulePlot(workdir / "schedule.png", stream, run_lib.lr_schedule(config),
                                steps, enabled=is_main),
+        hooks_lib.CurvesPlot(workdir, enabled=is_main),
         OutputMixture(workdir, config, stream, enabled=is_main)
         if stream.source.adaptive else None,
         _rounds_hook(config, workdir, model, mesh, stream, is_main),

@@ -38,8 +38,8 @@ LOAM = Path(__file__).resolve().parents[1] / "loam"
 # Lowest layer first; a module belongs to the entry with the longest matching prefix.
 LAYERS: list[tuple[str, list[str]]] = [
     # Leaf utilities every layer may use; they import no other loam layer.
-    ("base", ["loam", "loam.perf", "loam.plots", "loam.metrics", "loam.checkpoint", "loam.cli",
-              "loam.workdir"]),
+    ("base", ["loam", "loam.perf", "loam.plots", "loam.plot", "loam.metrics", "loam.checkpoint",
+              "loam.cli", "loam.workdir"]),
     ("model, data", ["loam.model", "loam.data"]),
     # get_config(arg) files: may size models and read corpora; research code starts from them.
     ("configs", ["loam.configs"]),
