@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from loam import metrics as metrics_lib
@@ -226,3 +227,40 @@ class CurvesPlot(Hook):
 
     def on_end(self, step):
         self._draw()
+
+
+class Profile(Hook):
+    """A JAX profiler trace of the updates numbered ``steps`` (1-based, as in metrics.jsonl;
+    from the first to the last listed) in DIR/tensorboard/plugins/profile/<time>/: the .xplane.pb
+    that TensorBoard's profile plugin reads (``tensorboard --logdir DIR/tensorboard``) and
+    perfetto_trace.json.gz for ui.perfetto.dev. Steps a resumed run has already passed are not
+    traced."""
+
+    def __init__(self, workdir: paths.PathLike, steps, total_steps: int):
+        wanted = [int(s) for s in steps]
+        if any(s < 1 or s > total_steps for s in wanted) or any(
+                isinstance(s, bool) or not float(s).is_integer() for s in steps):
+            raise ValueError(f"profile_steps={list(steps)}: each must be an update number from "
+                             f"1 to steps={total_steps}, e.g. --config.profile_steps='[5,6]'")
+        self.first, self.last = min(wanted), max(wanted)
+        self.dir = paths.Path(workdir) / "tensorboard"
+        self.active = False
+
+    def before_step(self, step, state):
+        if step + 1 == self.first:
+            jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+            self.active = True
+
+    def after_step(self, step, metrics):
+        if self.active and step + 1 >= self.last:  # this step's results are on the host
+            self._stop()
+
+    def _stop(self):
+        jax.profiler.stop_trace()
+        self.active = False
+        print(f"profiler trace of steps {self.first}-{self.last} in "
+              f"{self.dir / 'plugins' / 'profile'}", flush=True)
+
+    def on_end(self, step):
+        if self.active:
+            self._stop()

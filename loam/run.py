@@ -158,7 +158,8 @@ ADDED_LATER = {"mixing": {"method": "static"},
                "init": {"checkpoint": "", "carry": "params"},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
                "data.tokenizer": "bundled",
-               "evals": []}
+               "evals": [],
+               "profile_steps": []}
 
 
 def with_added_later(config: dict) -> dict:

@@ -221,6 +221,8 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
         hooks_lib.SchedulePlot(workdir / "schedule.png", stream, run_lib.lr_schedule(config),
                                steps, enabled=is_main),
         hooks_lib.CurvesPlot(workdir, enabled=is_main),
+        hooks_lib.Profile(workdir, config.profile_steps, steps)
+        if config.get("profile_steps") else None,
         OutputMixture(workdir, config, stream, enabled=is_main)
         if stream.source.adaptive else None,
         _rounds_hook(config, workdir, model, mesh, stream, is_main),

@@ -142,6 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Downstream evaluators run at every eval (loam/evals/, one module per kind), e.g.
     # [{"kind": "probes"}, {"kind": "multiple_choice", "tasks": "tasks/*.jsonl"}].
     c.evals = []
+    # Update numbers (1-based, as in metrics.jsonl) to trace with the JAX profiler, e.g. [5, 6]:
+    # a trace from the first to the last in DIR/tensorboard/plugins/profile. Empty: none.
+    c.profile_steps = []
 
     if a.runlocal:  # size, steps, seq_len and batch_size come from RUNLOCAL (explicit args win)
         c.optim.warmup_steps = 5
