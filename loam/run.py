@@ -20,6 +20,7 @@ from loam import paths
 from loam import step as step_lib
 from loam.data import catalog as catalog_lib
 from loam.data import objectives
+from loam.data import replay as replay_lib
 from loam.data import sources as sources_lib
 from loam.data import stream as stream_lib
 from loam.data import vocab as vocab_lib
@@ -74,6 +75,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
+    if c.data.get("replay"):
+        replay_lib.check(c.data.replay, c.data.domains)
     if c.get("init") is not None and c.init.get("carry", "params") not in INIT_CARRY:
         raise ConfigError(f"init.carry={c.init.carry!r}; choose one of {', '.join(INIT_CARRY)}")
     return c, notes

@@ -84,6 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Curriculum stages (see loam/data/curriculum.py); empty: `weights` for the whole run.
     c.data.stages = []
     c.data.interpolate = False
+    # Replay (continual pretraining): `fraction` (in [0, 1); 0: off) of every batch from the
+    # old `domains`, shared by `weights` (a recipe or a dict); the other domains share the rest.
+    c.data.replay = ml_collections.ConfigDict(
+        {"fraction": 0.0, "domains": [], "weights": "proportional"})
     c.mixing = ml_collections.ConfigDict()
     # "static": data.weights or data.stages. Else a module of loam/mixing/online/: the baselines
     # "stratified" (uniform) and "proportional" (training tokens), or an online controller

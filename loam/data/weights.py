@@ -19,6 +19,7 @@ import numpy as np
 
 from loam.data import catalog as catalog_lib
 from loam.data import curriculum, recipes
+from loam.data import replay as replay_lib
 from loam.data.schedules import CallableWeights, ConstantWeights, Schedule, WeightSource, constant
 
 FEEDBACK_DELAY = 1
@@ -62,13 +63,31 @@ def source_from_config(config) -> WeightSource:
         if not isinstance(source, WeightSource):
             raise TypeError(f"{name}.make_source returned {type(source).__name__}, not a "
                             "loam.data.schedules.WeightSource")
-        return source
+        return _with_replay(config, source, domains)
     if config.data.get("stages"):
-        return curriculum.stages_from_config(config)
+        return _with_replay(config, curriculum.stages_from_config(config), domains)
     try:
-        return ConstantWeights(recipes.config_weights(config), domains)
+        source = ConstantWeights(recipes.config_weights(config), domains)
     except ValueError as e:
         raise ValueError(f"config.data.weights={config.data.weights!r}: {e}") from None
+    return _with_replay(config, source, domains)
+
+
+def _with_replay(config, source: WeightSource, domains: Sequence[str]) -> WeightSource:
+    """``source`` with ``config.data.replay`` (a fraction of every batch from old domains)."""
+    replay = config.data.get("replay")
+    if not replay:
+        return source
+    fraction, names = replay_lib.check(replay, domains)
+    if fraction == 0:
+        return source
+    spec = replay.get("weights") or "proportional"
+    spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
+    try:
+        w = recipes.config_weights(config, weights=spec, domains=names)
+    except ValueError as e:
+        raise ValueError(f"config.data.replay.weights={spec!r}: {e}") from None
+    return replay_lib.Replay(source, fraction, dict(zip(names, w.tolist())))
 
 
 def _rows(n: int, d: int) -> np.ndarray:
