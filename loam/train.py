@@ -255,8 +255,11 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
         record = evaluator.run(state.params, step_no, eval_writer)
         hooks.on_eval(step_no, record)
         if is_main and step_no != steps:
-            print(f"eval at step {step_no}: mean loss {record['loss_domain_mean']:.3f} "
-                  f"({time.time() - t:.0f}s)", flush=True)
+            downstream = "".join(f"; {name} acc {m['acc']:.3f} (chance {m['chance']:.3f})"
+                                 for name, m in record.get("downstream", {}).items()
+                                 if "acc" in m and "chance" in m)
+            print(f"eval at step {step_no}: mean loss {record['loss_domain_mean']:.3f}"
+                  f"{downstream} ({time.time() - t:.0f}s)", flush=True)
         return record
 
     last_eval, pending, step_no = None, None, start

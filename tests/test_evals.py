@@ -189,19 +189,23 @@ def test_eval_cli_runs_the_evaluators_and_refuses_bad_tasks(reference_run, tmp_p
 
 
 def test_training_runs_the_configured_evaluators(reference_run, tmp_path):
-    """A resumed copy trains one more step; its final eval holds the downstream metrics in the
-    eval files, TensorBoard and the sweep's results-table columns."""
+    """A resumed copy trains two more steps; its evals hold the downstream metrics in the eval
+    files, TensorBoard and the sweep's results-table columns."""
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     write_jsonl(tmp_path / "t.jsonl", [{"context": "And God said", "choices": [
         " Let there be light", " import os"], "gold": 0}])
     entries = [{"kind": "probes", "items": 4},
                {"kind": "multiple_choice", "tasks": str(tmp_path / "t.jsonl")}]
-    helpers.run_train(run, "--config.steps=13", f"--config.evals={json.dumps(entries)}")
+    proc = helpers.run_train(run, "--config.steps=14", "--config.eval_every=13",
+                             f"--config.evals={json.dumps(entries)}")
+    assert "; probes acc " in proc.stdout.split("eval at step 13: mean loss")[1].splitlines()[0]
+    assert "probes: acc" in proc.stdout  # the final table
+    assert (run / "eval" / "step_14.json").exists()
     rec = json.loads((run / "eval" / "step_13.json").read_text())
     assert set(rec["downstream"]) == {"probes", "multiple_choice"}
     assert rec["downstream"]["multiple_choice"]["tasks"]["t"]["n"] == 1
-    last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    last = json.loads((run / "eval.jsonl").read_text().splitlines()[-2])
     assert last["step"] == 13 and last["downstream"] == rec["downstream"]
     from tensorboard.backend.event_processing import event_accumulator
     acc = event_accumulator.EventAccumulator(str(run / "tensorboard" / "eval"))
@@ -214,3 +218,4 @@ def test_training_runs_the_configured_evaluators(reference_run, tmp_path):
     assert columns["multiple_choice/t/acc_norm"] == rec["downstream"][
         "multiple_choice"]["tasks"]["t"]["acc_norm"]
     assert "eval at step 13" in eval_lib.format_table(rec)
+    assert (run / "curves.png").exists()
