@@ -102,6 +102,10 @@ def train(config, workdir: paths.PathLike) -> dict | None:
         config, notes = run_lib.resolve_config(config)
         # A store orbax cannot write checkpoints to is refused before anything is created.
         ckpt_lib.check_directory(workdir)
+        # A start from another run (config.init) is checked against it here, before anything
+        # is created; a run resuming its own checkpoints keeps the init it started with.
+        resuming = _has_checkpoints(paths.Path(workdir) / "checkpoints")
+        config = run_lib.resolve_init(config, workdir, resuming=resuming)
         run = paths.mkdir(workdir)
         with workdir_lock(run):
             _check_resume(config, run)
@@ -133,6 +137,8 @@ def _train(config, workdir: paths.epath.Path, notes: list,
             stream.load_state(meta["data"])  # checks the position; restores an online log
             hook_state = meta.get("hooks")
             print(f"resumed from checkpoint at step {start}", flush=True)
+        elif config.get("init") is not None and config.init.checkpoint:
+            state, start, hook_state = _start_from(config, stream, state, shardings)
         # DoReMi's reference model, at the step the run started with (restored with the source).
         reference = (doremi.load_reference(stream.source, mesh, config.data.seq_len)
                      if isinstance(stream.source, doremi.DoReMi) else None)
@@ -144,6 +150,28 @@ def _train(config, workdir: paths.epath.Path, notes: list,
     finally:
         checkpointer.wait()
         checkpointer.close()
+
+
+def _start_from(config, stream, state, shardings):
+    """(state, start step, hook state) of a run started from another run's checkpoint."""
+    init = config.init
+    state, start, meta = run_lib.restore_init(config, state, shardings)
+    hook_state = None
+    if meta is not None:  # carry=all: the source's data position too, when the data is the same
+        try:
+            stream.load_state(meta["data"])
+            hook_state = meta.get("hooks")
+        except ValueError:
+            if stream.source.adaptive:
+                raise TrainingError(
+                    f"init.carry=all from {init.source} step {init.step}: an online mixing "
+                    "method continues only over the source run's data and mixture, which this "
+                    "config changes; keep them, or carry params or params+opt") from None
+            print(f"note: this config's data differs from the source run's: its steps "
+                  f"{start}.. read this config's mixture at those steps", flush=True)
+    print(f"started from {init.source} step {init.step} (init.carry={init.carry}) at step "
+          f"{start}", flush=True)
+    return state, start, hook_state
 
 
 def _token_weight_table(stream, num_domains: int):
@@ -247,7 +275,10 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
         checkpointer.save(step_no, state, {"step": step_no, "data": stream.state_dict(step_no),
                                            "seed": int(config.seed),
                                            "schedule": stream.source.describe(),
-                                           "hooks": hooks.on_save(step_no)}, force=force)
+                                           "hooks": hooks.on_save(step_no),
+                                           "init": (config.init.to_dict()
+                                                    if config.get("init") else None)},
+                        force=force)
         writer.flush()  # the metrics of every saved step are durable (uploaded, on a store)
 
     def evaluate(step_no: int) -> dict:
