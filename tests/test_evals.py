@@ -188,9 +188,9 @@ def test_eval_cli_runs_the_evaluators_and_refuses_bad_tasks(reference_run, tmp_p
     assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["downstream"]
 
 
-def test_training_runs_the_configured_evaluators(reference_run, tmp_path):
+def test_training_runs_the_configured_evaluators_and_profiler(reference_run, tmp_path):
     """A resumed copy trains two more steps; its evals hold the downstream metrics in the eval
-    files, TensorBoard and the sweep's results-table columns."""
+    files, TensorBoard and the sweep's results-table columns, and it writes a profiler trace."""
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     write_jsonl(tmp_path / "t.jsonl", [{"context": "And God said", "choices": [
@@ -198,7 +198,13 @@ def test_training_runs_the_configured_evaluators(reference_run, tmp_path):
     entries = [{"kind": "probes", "items": 4},
                {"kind": "multiple_choice", "tasks": str(tmp_path / "t.jsonl")}]
     proc = helpers.run_train(run, "--config.steps=14", "--config.eval_every=13",
-                             f"--config.evals={json.dumps(entries)}")
+                             f"--config.evals={json.dumps(entries)}",
+                             "--config.profile_steps=[13,14]")
+    # The same run traces updates 13 and 14 with the JAX profiler (config.profile_steps).
+    traces = list((run / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert list(traces[0].parent.glob("perfetto_trace.json.gz"))
+    assert "profiler trace of steps 13-14" in proc.stdout
     assert "; probes acc " in proc.stdout.split("eval at step 13: mean loss")[1].splitlines()[0]
     assert "probes: acc" in proc.stdout  # the final table
     assert (run / "eval" / "step_14.json").exists()

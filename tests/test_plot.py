@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loam import eval as eval_lib
-from loam import plot
+from loam import hooks, plot
 from loam.data import corpora
 
 import helpers
@@ -68,16 +68,10 @@ def test_plot_bad_input(tmp_path):
                                    "of a run trained by python -m loam.train")
 
 
-def test_profile_steps_write_a_trace(reference_run, tmp_path):
-    """A resumed copy traces its updates 13 and 14 with the JAX profiler."""
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    proc = helpers.run_train(run, "--config.steps=15", "--config.profile_steps=[13,14]")
-    traces = list((run / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 0
-    assert list(traces[0].parent.glob("perfetto_trace.json.gz"))
-    assert "profiler trace of steps 13-14" in proc.stdout
-    bad = helpers.run_train(tmp_path / "bad", "--config.profile_steps=[0]", check=False)
-    assert bad.returncode == 1
-    assert "error: profile_steps=[0]: each must be an update number from 1 to steps=12" in \
-        bad.stderr
+
+def test_bad_profile_steps_are_refused():
+    """(A trace written by a training run: tests/test_evals.py, the training test.)"""
+    for bad in ([0], [13], [1.5], [True], ["a"], "5"):
+        with pytest.raises(ValueError, match=r"each must be an update number from 1 to "
+                                             r"steps=12, e.g. --config.profile_steps='\[5,6\]'"):
+            hooks.Profile("unused", bad, 12)
