@@ -10,6 +10,8 @@ controllers read are hooks; a new method adds a hook instead of a branch in the 
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -266,3 +268,70 @@ class Profile(Hook):
     def on_end(self, step):
         if self.active:
             self._stop()
+
+
+def stability_gap(records: Sequence[dict], first: int, old: Sequence[str] = ()) -> dict:
+    """Per evaluated domain, from eval records (later records of a step win): the held-out
+    loss at the run's first step, the worst (highest) loss after it and its step, the gap
+    (worst - start) and the recovery step (the first evaluation after the worst whose loss is
+    back at or below the start; None if none is)."""
+    by_step = {int(r["step"]): r["per_domain"] for r in records if "per_domain" in r}
+    steps = sorted(s for s in by_step if s >= first)
+    out: dict[str, Any] = {"first_step": first, "eval_steps": steps, "old_domains": list(old),
+                           "domains": {}}
+    if first not in by_step:
+        return out
+    for d, start in by_step[first].items():
+        curve = [(s, float(by_step[s][d]["loss"])) for s in steps if d in by_step[s]]
+        later = [(s, x) for s, x in curve if s > first]
+        if not later:
+            continue
+        worst_step, worst = max(later, key=lambda p: p[1])
+        recovery = next((s for s, x in later if s > worst_step and x <= float(start["loss"])),
+                        None)
+        out["domains"][d] = {"start": float(start["loss"]), "worst_step": worst_step,
+                             "worst_loss": worst, "gap": worst - float(start["loss"]),
+                             "recovery_step": recovery, "curve": curve}
+    return out
+
+
+class StabilityGap(Hook):
+    """stability_gap.json and stability_gap.png at the end of a run with dense early
+    evaluation: the old domains' dip after the run's start and its recovery (``stability_gap``
+    above), read from eval.jsonl, so a resumed run reports its whole history."""
+
+    def __init__(self, workdir: paths.PathLike, first: int, old: Sequence[str] = (),
+                 enabled: bool = True):
+        self.dir, self.first, self.old = paths.Path(workdir), first, list(old)
+        self.enabled = enabled
+
+    def on_end(self, step):
+        if not self.enabled or not paths.exists(self.dir / "eval.jsonl"):
+            return
+        report = stability_gap(metrics_lib.read_jsonl(self.dir / "eval.jsonl"), self.first,
+                               self.old)
+        paths.atomic_write(self.dir / "stability_gap.json", json.dumps(report, indent=2))
+        if report["domains"]:
+            self._plot(report)
+
+    def _plot(self, report):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for d, r in report["domains"].items():
+            xs, ys = zip(*r["curve"])
+            line, = ax.plot(xs, ys, marker=".", label=d + (" (old)" if d in self.old else ""),
+                            linewidth=2.0 if d in self.old else 1.0)
+            ax.axhline(r["start"], color=line.get_color(), linestyle=":", linewidth=0.8)
+            ax.plot([r["worst_step"]], [r["worst_loss"]], marker="v", color=line.get_color())
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss")
+        ax.set_title("stability gap: loss from the run's start (dotted), worst (triangle)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        plt.close(fig)
+        paths.atomic_write(self.dir / "stability_gap.png", png.getvalue())

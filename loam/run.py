@@ -75,6 +75,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
+    dense = c.get("eval_dense")
+    if dense is not None and (int(dense.get("every", 1)) < 1 or int(dense.get("until", 0)) < 0):
+        raise ConfigError(f"eval_dense={dense.to_dict()}: every must be >= 1 and until >= 0 "
+                          "(0: no dense evaluation)")
     if c.data.get("replay"):
         replay_lib.check(c.data.replay, c.data.domains)
     if c.get("init") is not None and c.init.get("carry", "params") not in INIT_CARRY:
@@ -509,3 +513,23 @@ def restore_init(config, state, state_shardings) -> tuple[Any, int, dict | None]
         return state.replace(params=restored.params, opt_state=opt_state), 0, None
     finally:
         checkpointer.close()
+
+
+def first_step(config) -> int:
+    """The step a run's training starts from: the source's step for init.carry=all, else 0."""
+    init = config.get("init")
+    if init is not None and init.get("carry") == "all" and init.get("step") is not None:
+        return int(init.step)
+    return 0
+
+
+def eval_due(config, step_no: int, steps: int) -> bool:
+    """Whether the loop evaluates after update ``step_no``: every eval_every, at the end, and
+    every eval_dense.every updates over the first eval_dense.until updates of the run (0: the
+    model the run starts with, before its first update)."""
+    if step_no == steps or (step_no % int(config.eval_every) == 0 and step_no > 0):
+        return True
+    dense = config.get("eval_dense")
+    until = int(dense.get("until", 0)) if dense is not None else 0
+    k = step_no - first_step(config)
+    return until > 0 and 0 <= k <= until and k % int(dense.get("every", 1)) == 0

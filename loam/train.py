@@ -254,6 +254,10 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
         OutputMixture(workdir, config, stream, enabled=is_main)
         if stream.source.adaptive else None,
         _rounds_hook(config, workdir, model, mesh, stream, is_main),
+        hooks_lib.StabilityGap(workdir, run_lib.first_step(config),
+                               (config.data.get("replay") or {}).get("domains") or [],
+                               enabled=is_main)
+        if config.get("eval_dense") and int(config.eval_dense.until) > 0 else None,
     ])
     hooks.on_restore(start, hook_state)
     if schedule_change and is_main:
@@ -295,6 +299,8 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
 
     last_eval, pending, step_no = None, None, start
     try:
+        if start == run_lib.first_step(config) and run_lib.eval_due(config, start, steps):
+            evaluate(start)  # the model the run starts with: where a stability gap is measured
         for step in range(start, steps):
             hooks.before_step(step, state)
             state, metrics = train_step(state, device_batch(step))
@@ -303,7 +309,7 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
             pending = (step, metrics)
             step_no = step + 1
             boundary = step_no % config.checkpoint_every == 0 or step_no == steps
-            eval_now = step_no % config.eval_every == 0 or step_no == steps
+            eval_now = run_lib.eval_due(config, step_no, steps)
             if boundary or eval_now or preemption.requested:
                 after_step(*pending)
                 pending = None

@@ -22,9 +22,11 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 from test_online import records
 
+from loam import hooks as hooks_lib
 from loam import run as run_lib
 from loam import step as step_lib
 from loam import train as train_lib
+from loam.configs import default
 from loam.data import vocab as vocab_lib
 
 from helpers import CONFIG, ROOT, SMALL, env, losses, run_train
@@ -155,8 +157,8 @@ def test_a_started_run_records_its_start_and_resumes_bit_exactly_after_sigkill(s
 
 def test_anneal_branches_from_the_named_checkpoint(source, tmp_path):
     out = tmp_path / "anneal"
-    run_train(out, config=f"{ROOT}/loam/configs/anneal.py:from={source}:8,steps=3", base=[],
-              devices=1)
+    run_train(out, "--config.eval_dense.until=2", base=[], devices=1,
+              config=f"{ROOT}/loam/configs/anneal.py:from={source}:8,steps=3")
     got, src = records(out), records(source)
     assert sorted(got) == [9, 10, 11]
     # Step 9's loss is that of the source's batch 8 on its checkpoint 8: the same floats.
@@ -166,6 +168,39 @@ def test_anneal_branches_from_the_named_checkpoint(source, tmp_path):
     assert config["init"]["carry"] == "all" and config["init"]["step"] == 8
     assert config["optim"]["anneal_start"] == 8 and config["steps"] == 11
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["11"]
+    # Dense early evaluation from the run's first step (8 for carry=all), then the end.
+    evals = [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert evals == [8, 9, 10, 11]
+    gap = json.loads((out / "stability_gap.json").read_text())
+    assert gap["first_step"] == 8 and gap["eval_steps"] == [8, 9, 10, 11]
+    assert set(gap["domains"]) == {"literature", "dialogue", "code", "docs", "reference"}
+    assert (out / "stability_gap.png").stat().st_size > 0
+
+
+def test_dense_evaluation_cadence():
+    c = default.get_config()
+    c.steps, c.eval_every, c.eval_dense.every, c.eval_dense.until = 100, 50, 2, 10
+    due = [s for s in range(101) if run_lib.eval_due(c, s, 100)]
+    assert due == [0, 2, 4, 6, 8, 10, 50, 100]
+    c.init = {"checkpoint": "x:40", "carry": "all", "step": 40}  # counts on from step 40
+    assert [s for s in range(40, 101) if run_lib.eval_due(c, s, 100)] == [
+        40, 42, 44, 46, 48, 50, 100]
+    c.eval_dense.until = 0  # off: the usual cadence, no evaluation before the first step
+    assert [s for s in range(101) if run_lib.eval_due(c, s, 100)] == [50, 100]
+    c.eval_dense.every = 0
+    with pytest.raises(ValueError, match="eval_dense"):
+        run_lib.resolve_config(c)
+
+
+def test_stability_gap_report():
+    def rec(step, loss):
+        return {"step": step, "per_domain": {"old": {"loss": loss}}}
+    records = [rec(0, 9.0), rec(4, 3.0), rec(5, 3.6), rec(6, 3.2), rec(7, 2.9), rec(8, 3.5)]
+    report = hooks_lib.stability_gap(records, first=4, old=["old"])
+    r = report["domains"]["old"]
+    assert report["eval_steps"] == [4, 5, 6, 7, 8]
+    assert (r["start"], r["worst_step"], r["recovery_step"]) == (3.0, 5, 7)
+    assert r["gap"] == pytest.approx(0.6)
 
 
 def _sentencepiece(path: Path, drop: bool) -> Path:

@@ -139,6 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.log_every = 1  # metrics.jsonl gets every step; the terminal every 10
     c.eval_every = 150
+    # Dense early evaluation (the stability gap of continual runs): every `every` steps during
+    # the first `until` steps of the run (from init.step for init.carry=all), and once before
+    # the first step; `until` 0: off. stability_gap.json and .png are written at the end.
+    c.eval_dense = ml_collections.ConfigDict({"every": 1, "until": 0})
     c.eval_tokens = 32768  # per domain; the held-out set is fixed by the config, not by time
     c.eval_batch_size = 16
     c.checkpoint_every = 100
