@@ -163,6 +163,8 @@ def _get(config, dotted: str):
 # Fields added to the config after runs were made with it: a saved config without one meant this.
 ADDED_LATER = {"mixing": {"method": "static"},
                "init": {"checkpoint": "", "carry": "params"},
+               "data.replay": {"fraction": 0.0, "domains": [], "weights": "proportional"},
+               "eval_dense": {"every": 1, "until": 0},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
                "data.tokenizer": "bundled",
                "evals": [],
