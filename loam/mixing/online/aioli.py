@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from loam.data import recipes
+from loam.mixing import online
 from loam.mixing.online import rounds
 
 DEFAULTS = {"update_steps": 50, "start": 0, "probe_steps": 12, "one_hot": 0.5, "eta": 0.1,
@@ -162,13 +163,10 @@ class Aioli(rounds.RoundsSource):
 
 
 def make_source(config, domains: Sequence[str]) -> Aioli:
-    s = rounds.settings(config, "aioli", DEFAULTS)
+    s = online.settings(config, "aioli", DEFAULTS)
     rounds.check_run(config, "aioli")
     if config.optim.accum_steps != 1:
         raise ValueError("config.mixing.method='aioli' trains its probes as a swarm, which does "
                          "not accumulate gradients; set optim.accum_steps=1")
-    try:
-        initial = recipes.config_weights(config, domains=domains)
-    except ValueError as e:
-        raise ValueError(f"config.data.weights={config.data.weights!r}: {e}") from None
+    initial = online.initial_weights(config, domains)
     return Aioli(domains, initial, **s)

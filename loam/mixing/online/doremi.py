@@ -46,6 +46,7 @@ from loam.data import catalog as catalog_lib
 from loam.data import recipes
 from loam.data import weights as weights_lib
 from loam.data.schedules import ConstantWeights, WeightSource
+from loam.mixing import online
 from loam.model.transformer import Transformer
 
 DEFAULTS = {"reference": "", "step_size": 1.0, "smoothing": 1e-3}
@@ -213,13 +214,7 @@ def check_reference(config, domains: Sequence[str], reference: str) -> tuple[np.
 
 
 def make_source(config, domains: Sequence[str]) -> DoReMi:
-    given = (config.get("mixing") or {}).get("doremi") or {}
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config.mixing.doremi has unknown key(s) {unknown}; known: "
-                         f"{sorted(DEFAULTS)}")
-    settings = {**DEFAULTS, **given}
+    settings = online.settings(config, "doremi", DEFAULTS)
     # Hyperparameters first: a bad η or c is reported without touching the reference.
     DoReMi(domains, np.ones(len(domains)), settings["step_size"], settings["smoothing"])
     sampling, step = check_reference(config, domains, str(settings["reference"]))

@@ -21,6 +21,7 @@ import numpy as np
 
 from loam.data import recipes
 from loam.data.weights import WeightSource
+from loam.mixing import online
 
 DEFAULTS = {"ema": 0.9, "boost": 0.5}
 
@@ -63,14 +64,5 @@ class GreedyLoss(WeightSource):
 
 
 def make_source(config, domains: Sequence[str]) -> GreedyLoss:
-    given = (config.get("mixing") or {}).get("greedy_loss") or {}
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config.mixing.greedy_loss has unknown key(s) {unknown}; known: "
-                         f"{sorted(DEFAULTS)}")
-    try:
-        base = recipes.config_weights(config, domains=domains)
-    except ValueError as e:
-        raise ValueError(f"config.data.weights={config.data.weights!r}: {e}") from None
-    return GreedyLoss(domains, base, **{**DEFAULTS, **given})
+    given = online.settings(config, "greedy_loss", DEFAULTS)
+    return GreedyLoss(domains, online.initial_weights(config, domains), **given)

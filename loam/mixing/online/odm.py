@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from loam.data.weights import WeightSource
+from loam.mixing import online
 
 DEFAULTS = {"alpha": 0.9}
 
@@ -117,13 +118,8 @@ class OnlineDataMixing(WeightSource):
 
 def hyperparameters(config) -> dict:
     """``config.mixing.odm`` over the defaults; unknown keys refused."""
-    given = (config.get("mixing") or {}).get("odm") or {}
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config.mixing.odm has unknown key(s) {unknown}; known: "
-                         f"{sorted(DEFAULTS)} (e.g. --config.mixing.odm.alpha=0.9)")
-    return {**DEFAULTS, **given}
+    return online.settings(config, "odm", DEFAULTS,
+                           hint=" (e.g. --config.mixing.odm.alpha=0.9)")
 
 
 def make_source(config, domains: Sequence[str]) -> OnlineDataMixing:

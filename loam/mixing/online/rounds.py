@@ -96,17 +96,6 @@ def check_number(method: str, key: str, value, low: float, high: float, *,
     return float(value)
 
 
-def settings(config, method: str, defaults: dict) -> dict:
-    """``config.mixing.<method>`` over ``defaults``; unknown keys refused."""
-    given = (config.get("mixing") or {}).get(method) or {}
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"config.mixing.{method} has unknown key(s) {unknown}; known: "
-                         f"{sorted(defaults)}")
-    return {**defaults, **given}
-
-
 def check_run(config, method: str) -> None:
     """What a rounds method cannot follow, refused before training."""
     if config.data.get("stages"):

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from loam.data import recipes
+from loam.mixing import online
 from loam.mixing.online import rounds
 
 DEFAULTS = {"update_steps": 50, "start": 0, "eta": 0.5, "window": 3, "graph": "linear",
@@ -203,14 +204,11 @@ class SkillIt(rounds.RoundsSource):
 
 
 def make_source(config, domains: Sequence[str]) -> SkillIt:
-    s = rounds.settings(config, "skillit", DEFAULTS)
+    s = online.settings(config, "skillit", DEFAULTS)
     rounds.check_run(config, "skillit")
     if config.optim.accum_steps != 1 and str(s["graph"]) in ESTIMATES:
         raise ValueError("an estimated skills graph is measured by probes trained as a swarm, "
                          "which does not accumulate gradients; set optim.accum_steps=1 or give "
                          "the graph")
-    try:
-        initial = recipes.config_weights(config, domains=domains)
-    except ValueError as e:
-        raise ValueError(f"config.data.weights={config.data.weights!r}: {e}") from None
+    initial = online.initial_weights(config, domains)
     return SkillIt(domains, initial, **s)
