@@ -62,6 +62,12 @@ class Scorer:
         """PCollection[Doc] -> PCollection[Scored]."""
         raise NotImplementedError
 
+    def report(self, domain: str, columns: Mapping[str, Any], tokens: Any) -> dict | None:
+        """Optional summary of one domain's finished columns (numpy arrays over the domain's
+        documents, ``tokens`` their lengths), printed by the scoring command and written beside
+        the columns as ``{scorer}.report.json`` (e.g. documents and tokens each filter drops)."""
+        return None
+
 
 class PerDocument(Scorer):
     """A scorer that looks at one document at a time: implement ``score``."""
