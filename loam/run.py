@@ -19,7 +19,7 @@ from loam import checkpoint as ckpt_lib
 from loam import paths
 from loam import step as step_lib
 from loam.data import catalog as catalog_lib
-from loam.data import objectives
+from loam.data import objectives, views
 from loam.data import replay as replay_lib
 from loam.data import sources as sources_lib
 from loam.data import stream as stream_lib
@@ -168,7 +168,8 @@ ADDED_LATER = {"mixing": {"method": "static"},
                "data.sources": [[k, v] for k, v in catalog_lib.default_specs().items()],
                "data.tokenizer": "bundled",
                "evals": [],
-               "profile_steps": []}
+               "profile_steps": [],
+               "data.selection": {}}
 
 
 def with_added_later(config: dict) -> dict:
@@ -294,7 +295,7 @@ def build_stream(config, process_index: int = 0,
         batch_size=config.data.batch_size, seed=config.seed,
         data_dir=config.data.dir or None, scores_dir=config.data.get("scores_dir") or None,
         process_index=process_index, process_count=process_count,
-        catalog=build_catalog(config))
+        catalog=build_catalog(config), selection=views.selections_from_config(config))
 
 
 def build_train_step(config, model, optimizer, mesh, state_shardings):

@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.scores_dir = ""  # score columns (loam.selection.score); empty: next to the corpora
     # Curriculum stages (see loam/data/curriculum.py); empty: `weights` for the whole run.
     c.data.stages = []
+    # Document selection per domain (loam/data/views.py): {domain: {"score": column or
+    # {column: weight}, "policy": "threshold|top|gumbel", "fraction"/"tokens"/"threshold"/
+    # "temperature": ..., "repeat": column}}; a stage's order/keep apply within it.
+    c.data.selection = {}
     c.data.interpolate = False
     # Replay (continual pretraining): `fraction` (in [0, 1); 0: off) of every batch from the
     # old `domains`, shared by `weights` (a recipe or a dict); the other domains share the rest.

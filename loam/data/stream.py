@@ -15,6 +15,7 @@ of the losses of earlier steps, which the weights log records — computed by ra
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -61,7 +62,8 @@ class MixtureStream:
     def __init__(self, domains: Sequence[str], objective, weights, seq_len: int,
                  batch_size: int, seed: int, data_dir=None, process_index: int = 0,
                  process_count: int = 1, pack_cache: int = 3, scores_dir=None,
-                 catalog: catalog_lib.Catalog | None = None, block_tokens: int = BLOCK_TOKENS):
+                 catalog: catalog_lib.Catalog | None = None, block_tokens: int = BLOCK_TOKENS,
+                 selection: Mapping[str, views.Selection] | None = None):
         self.names = list(domains)
         if not self.names:
             raise ValueError("the mixture has no domains; list at least one task or domain")
@@ -103,10 +105,21 @@ class MixtureStream:
         self._seg_rows: dict = {}
         self._seg_tokens: dict = {}
         self._view_base: dict = {}
+        # Per domain: its selection (config.data.selection), which every view of it obeys.
+        unknown = sorted(set(selection or {}) - set(self.names))
+        if unknown:
+            raise views.SelectionError(f"config.data.selection names domain(s) {unknown} the "
+                                       f"mixture does not train on ({self.names})")
+        self._selection = [(selection or {}).get(n) for n in self.names]
         for k in range(len(self.names)):  # columns and quantile ranges are checked now, not mid-run
             for v in self._sources(k):
                 if v is not None:
                     self._view_chunks(k, v, 0)
+        self.selection_summaries = [self._selection_summary(k) for k in range(len(self.names))
+                                    if self._selection[k] is not None]
+        if process_index == 0:
+            for s in self.selection_summaries:
+                print(views.describe_summary(s), flush=True)
         self._packings: collections.OrderedDict = collections.OrderedDict()
         self._pack_cache = max(1, pack_cache) * len(self.names)
 
@@ -228,14 +241,32 @@ class MixtureStream:
 
     # -- packings (one source per domain and view: a view orders or filters the documents)
 
+    def _with_selection(self, k: int, v):
+        """View v (None: the default) of domain k within the domain's selection."""
+        sel = self._selection[k]
+        return v if sel is None else dataclasses.replace(v or views.DEFAULT_VIEW, selection=sel)
+
+    def _selection_summary(self, k: int) -> dict:
+        split = self.domain_data(k).split
+        docs, lengths = np.asarray(split.doc_index), np.asarray(split.lengths)
+        copies = views.select_documents(
+            self._selection[k], self.domain_names[k], docs, lengths,
+            lambda c: views.load_column(self.domain_names[k], c, self.scores_dir,
+                                        catalog=self.catalog))
+        return views.selection_summary(self._selection[k], self.names[k], docs, lengths, copies)
+
     def _view(self, step: int, k: int):
         j = self._source_k[k]
         v = None if j is None else self.source.view_at(step, j)
-        return None if v is None or v.is_default else v
+        return self._with_selection(k, None if v is None or v.is_default else v)
 
     def _intervals(self, k: int):
         j = self._source_k[k]
-        return None if j is None else self.source.view_intervals(j)
+        intervals = None if j is None else self.source.view_intervals(j)
+        if intervals is None or self._selection[k] is None:
+            return intervals
+        return [(a, b, self._with_selection(k, None if v.is_default else v))
+                for a, b, v in intervals]
 
     def _source_rows_before(self, step: int, k: int, v) -> int:
         """Rows that domain k's view `v` contributed before ``step``."""
@@ -254,7 +285,7 @@ class MixtureStream:
     def _sources(self, k: int) -> list:
         intervals = self._intervals(k)
         if intervals is None:
-            return [None]
+            return [self._with_selection(k, None)]
         return list(dict.fromkeys(None if v.is_default else v for _, _, v in intervals))
 
     def _view_chunks(self, k: int, v, epoch: int) -> np.ndarray:
@@ -264,7 +295,8 @@ class MixtureStream:
         base = self._view_base.get((k, v))
         if base is None:
             base = self._view_base[(k, v)] = views.select_chunks(
-                v, dd.name, dd.chunk_doc, dd.split.doc_index, self.scores_dir, self.data_dir)
+                v, dd.name, dd.chunk_doc, dd.split.doc_index, self.scores_dir, self.data_dir,
+                catalog=self.catalog, lengths=dd.split.lengths)
         if v.order_column:
             return base  # the same order every epoch
         salt = int.from_bytes(hashlib.sha256(v.describe().encode()).digest()[:4], "little")
