@@ -135,6 +135,7 @@ def write(prepared: PreparedDomain, scorer: str, params: Mapping[str, Any],
         "tokenizer_fingerprint": prepared.tokenizer_fingerprint,
         "inputs": dict(inputs), "records": records,
         "documents": int((hashes != 0).sum()), "scored": scored,
+        "mean": {n: float(np.nanmean(v)) if scored[n] else None for n, v in arrays.items()},
     }
     root = directory(prepared)
     for name, v in arrays.items():

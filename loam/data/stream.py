@@ -247,13 +247,15 @@ class MixtureStream:
         return v if sel is None else dataclasses.replace(v or views.DEFAULT_VIEW, selection=sel)
 
     def _selection_summary(self, k: int) -> dict:
+        sel = self._selection[k]
+        assert sel is not None
         split = self.domain_data(k).split
         docs, lengths = np.asarray(split.doc_index), np.asarray(split.lengths)
         copies = views.select_documents(
-            self._selection[k], self.domain_names[k], docs, lengths,
+            sel, self.domain_names[k], docs, lengths,
             lambda c: views.load_column(self.domain_names[k], c, self.scores_dir,
                                         catalog=self.catalog))
-        return views.selection_summary(self._selection[k], self.names[k], docs, lengths, copies)
+        return views.selection_summary(sel, self.names[k], docs, lengths, copies)
 
     def _view(self, step: int, k: int):
         j = self._source_k[k]

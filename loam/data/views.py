@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -101,8 +102,8 @@ def parse_selection(domain: str, raw, seed: int = 0) -> Selection:
     if unknown:
         raise SelectionError(f"{where}: unknown key(s) {unknown}; a selection has "
                              f"{sorted(SELECTION_KEYS)}")
-    score = e.get("score")
-    if hasattr(score, "to_dict"):
+    score: Any = e.get("score")
+    if score is not None and hasattr(score, "to_dict"):
         score = score.to_dict()
     if isinstance(score, Mapping):
         if not score or not all(isinstance(w, (int, float)) for w in score.values()):

@@ -22,7 +22,9 @@ from typing import Any, NamedTuple
 class Doc(NamedTuple):
     """One document of a prepared domain, as scorers see it."""
     domain: str
-    index: int     # its global index in the prepared domain (shard base + record number)
+    # its global index in the prepared domain (shard base + record number); the name shadows
+    # tuple.index, which scorers never call on a Doc
+    index: int  # type: ignore[assignment]
     doc_id: str    # its id in the source
     split: str     # "train" or "validation"
     text: str

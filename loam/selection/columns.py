@@ -1,4 +1,8 @@
-"""Writes per-document score columns next to a corpus (``loam.data.views`` reads them).
+"""Writes score columns in the format of the bundled corpora's shipped ``*.scores.npz``.
+
+The column store of prepared domains (``loam.data.columns``) is where scorers write; this format
+is what ships with the bundled corpora (read as their fallback) and what
+``python -m loam.selection.score --out DIR`` exports.
 
 `{directory}/{domain}.scores.npz` holds one float32 array per column, indexed by the document's
 position in the corpus file (the `doc_ids` of a batch), and the sha256 of the corpus it scores, so
@@ -13,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from loam.data.views import SHA_KEY, ColumnError, columns_path, corpus_sha256
+from loam.data.columns import SHA_KEY, ColumnError, columns_path, corpus_sha256
 
 
 def write_columns(domain: str, columns: dict[str, np.ndarray], directory=None,

@@ -1,119 +1,134 @@
-"""Writes per-document score columns next to the corpora.
+"""Scores the documents of prepared domains and writes the values as columns next to them.
 
-    python -m loam.selection.score --scorer heuristic                 # column `quality` + signals
-    python -m loam.selection.score --scorer model --workdir RUN --column ref_loss [--step N]
+    python -m loam.selection.score --scorer heuristic                  # the bundled domains
+    python -m loam.selection.score --scorer random --config FILE[:ARG] --domains web,code
+    python -m loam.selection.score --scorer model --param workdir=RUN [--param step=N]
+    python -m loam.selection.score --scorer NAME --runner DataflowRunner --project P ...
 
-`heuristic` scores text with Gopher/C4/FineWeb-style signals. `model` scores each document by the
-mean per-token loss of a loam checkpoint (a small reference model): low loss = typical, high =
-surprising. New scorers are functions `(domain, documents) -> {column: array}` added to SCORERS.
+``--scorer`` names a registered scorer (``loam.selection.scorers``), ``--param key=value`` sets
+its parameters (repeatable). The domains are the config's sources (default: the five bundled
+corpora), prepared first if they are small. The pipeline (``loam.selection.pipeline``) runs on
+Beam's DirectRunner with ``--num_workers`` local processes, or on another runner with its own
+options (any flag this command does not define goes to Beam). Each domain's columns go into
+its prepared directory (``loam.data.columns``), with a manifest and the scorer's report
+(``columns/<scorer>.report.json``), which is also printed. Selections read them:
+``config.data.selection`` and the ``order``/``keep`` of curriculum stages.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-from collections.abc import Callable
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+import ast
+import sys
+from pathlib import Path
 
 from loam import cli
-from loam import run as run_lib
 from loam.data import catalog as catalog_lib
-from loam.data import corpora, heldout, objectives
-from loam.selection import columns as columns_lib
-from loam.selection import heuristics
+from loam.data import columns as columns_lib
+from loam.selection import base, pipeline, scorers  # noqa: F401  (registers the scorers)
+from loam.selection import columns as legacy
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
+_OWN_FLAGS = ("config", "scorer", "param", "domains", "runner", "num_workers", "prepared_dir",
+              "workdir", "step", "column", "out")
 
 
-def heuristic_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str, np.ndarray]:
-    return heuristics.score_documents([t for _, t in docs])
+def parse_params(items) -> dict:
+    """``key=value`` strings -> {key: value}, values read as Python literals where they are
+    one (numbers, booleans, lists), else kept as strings."""
+    out = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise base.ScorerError(f"--param {item!r} is not key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
-def random_scorer(domain: str, docs: list[tuple[str, str]], **_) -> dict[str, np.ndarray]:
-    """Column `random`: a uniform [0, 1) number from a hash of the document id. Keeping a range
-    of it takes a reproducible random subset (e.g. the same documents in two orders)."""
-    return {"random": np.array([int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "little")
-                                / 2**64 for d, _ in docs], np.float32)}
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this command's arguments, Beam's): the flags above (and --config.* overrides) stay."""
+    ours: list[str] = []
+    beam_args: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.lstrip("-").split("=", 1)[0]
+        own = a in ("-h", "--help", "--helpshort", "--helpfull") or (
+            a.startswith("-") and (name in _OWN_FLAGS or name.startswith(("config.",
+                                                                        "noconfig."))))
+        takes_next = (a.startswith("-") and "=" not in a and i + 1 < len(argv)
+                      and not argv[i + 1].startswith("-"))
+        target = ours if own or not a.startswith("-") else beam_args
+        target.append(a)
+        if takes_next:
+            target.append(argv[i + 1])
+            i += 1
+        i += 1
+    return ours, beam_args
 
 
-def model_scorer(domain: str, docs: list[tuple[str, str]], workdir: str, column: str,
-                 step: int | None = None, data_dir=None, **_) -> dict[str, np.ndarray]:
-    """Mean loss (nats/token) of every document under the checkpoint; NaN for empty ones."""
-    params, run = _cached_run(workdir, step)
-    config, model = run.config, run.model
-    objective = objectives.get_objective("causal")
-    seq_len, batch_size = int(config.data.seq_len), int(config.eval_batch_size)
-
-    @jax.jit
-    def token_losses(params, b):
-        logits = model.apply({"params": params}, b["inputs"], segment_ids=b["segment_ids"],
-                             positions=b["positions"], prefix=b["prefix"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        nll = -jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
-        return nll * b["loss_weights"]
-
-    total = np.zeros(len(docs))
-    count = np.zeros(len(docs))
-    catalog = catalog_lib.default(data_dir)
-    for split in ("train", "validation"):
-        for b in heldout.document_batches(domain, split, objective, seq_len, batch_size,
-                                          catalog=catalog):
-            nll = np.asarray(token_losses(params, {k: jnp.asarray(v) for k, v in b.items()}))
-            ids, w = b["doc_ids"].reshape(-1), b["loss_weights"].reshape(-1)
-            keep = ids >= 0
-            np.add.at(total, ids[keep], nll.reshape(-1)[keep])
-            np.add.at(count, ids[keep], w[keep])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {column: np.where(count > 0, total / count, np.nan)}
+def _define_flags(flags):
+    flags.DEFINE_string("scorer", None, "the scorer's registered name")
+    flags.DEFINE_multi_string("param", [], "a scorer parameter as key=value (repeatable)")
+    flags.DEFINE_string("domains", None, "comma-separated domains (default: every source)")
+    flags.DEFINE_string("runner", "DirectRunner", "Beam runner: DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner ...")
+    flags.DEFINE_integer("num_workers", None, "DirectRunner: worker processes (default: one per "
+                         "core); other runners: passed on as their --num_workers")
+    flags.DEFINE_string("prepared_dir", None, "where the prepared domains are (default: "
+                        "config.data.prepared_dir, else $LOAM_CACHE_DIR/prepared)")
+    flags.DEFINE_string("workdir", None, "model scorer: the reference run (= --param workdir=)")
+    flags.DEFINE_integer("step", None, "model scorer: its checkpoint step (= --param step=)")
+    flags.DEFINE_string("column", None, "model scorer: the column's name (= --param column=)")
+    flags.DEFINE_string("out", None, "also write DIR/<domain>.scores.npz (the format of the "
+                        "bundled corpora's shipped columns; bundled sources only)")
 
 
-_RUNS: dict = {}
+def run(config, flags, beam_args=()):
+    if not flags.scorer:
+        raise base.ScorerError(f"--scorer is required; choose one of {_names()}")
+    params = parse_params(flags.param)
+    for key in ("workdir", "step", "column"):
+        if getattr(flags, key) is not None:
+            params[key] = getattr(flags, key)
+    scorer = base.make(flags.scorer, params)
+    if flags.prepared_dir:
+        config.data.prepared_dir = flags.prepared_dir
+    catalog = catalog_lib.for_config(config)
+    domains = [d for d in (flags.domains or "").split(",") if d] or None
+    results = pipeline.score(scorer, catalog, domains, runner=flags.runner,
+                             num_workers=flags.num_workers, beam_args=beam_args)
+    print("\n".join(pipeline.summary_lines(scorer, results)), flush=True)
+    if flags.out:
+        _export(catalog, results, flags.out)
+    return results
 
 
-def _cached_run(workdir, step):
-    key = (str(workdir), step)
-    if key not in _RUNS:
-        params, run, _ = run_lib.load_params(workdir, step)
-        _RUNS[key] = (params, run)
-    return _RUNS[key]
+def _export(catalog, results, out) -> None:
+    for d, r in results.items():
+        source = catalog.source(d)
+        if source.kind != "bundled":
+            raise base.ScorerError(f"--out writes the bundled corpora's scores format; domain "
+                                   f"{d!r} is not a bundled source")
+        cols = {c: columns_lib.load(catalog, d, c) for c in r["manifest"]["columns"]}
+        path = legacy.write_columns(source.target, cols, out, source.option("data_dir"))
+        print(f"{d:12s} -> {path}", flush=True)
 
 
-SCORERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    "heuristic": heuristic_scorer, "random": random_scorer, "model": model_scorer}
-
-
-def score(scorer: str, domains=corpora.DOMAIN_NAMES, data_dir=None, out=None, **kwargs):
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
-    written = {}
-    for domain in domains:
-        docs = list(corpora.read_documents(corpora.corpus_path(domain, data_dir)))
-        cols = SCORERS[scorer](domain, docs, data_dir=data_dir, **kwargs)
-        written[domain] = columns_lib.write_columns(domain, cols, out or data_dir, data_dir)
-        summary = ", ".join(f"{k} mean {np.nanmean(v):.3f}" for k, v in cols.items()
-                            if k in ("quality", "random", kwargs.get("column")))
-        print(f"{domain:12s} {len(docs):6d} documents -> {written[domain]} ({summary})",
-              flush=True)
-    return written
+def _names() -> list[str]:
+    return sorted(base.SCORERS)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--scorer", required=True, choices=sorted(SCORERS))
-    p.add_argument("--domains", default=",".join(corpora.DOMAIN_NAMES))
-    p.add_argument("--data_dir", default=None, help="corpora (default: $LOAM_DATA_DIR or bundled)")
-    p.add_argument("--out", default=None, help="where columns go (default: next to the corpora)")
-    p.add_argument("--workdir", help="model scorer: the reference run")
-    p.add_argument("--step", type=int, default=None, help="model scorer: checkpoint step")
-    p.add_argument("--column", default="ref_loss", help="model scorer: column name")
-    args = p.parse_args(argv)
+    argv = list(sys.argv if argv is None else argv)
+    ours, beam_args = split_args(argv[1:])
+    if not any(a == "--config" or a.startswith("--config=") for a in ours):
+        ours = [f"--config={DEFAULT_CONFIG}", *ours]
     cli.quiet_logs()
-    if args.scorer == "model" and not args.workdir:
-        cli.fail("--scorer model needs --workdir of a trained loam run")
-    with cli.user_errors():
-        score(args.scorer, tuple(args.domains.split(",")), args.data_dir, args.out,
-              workdir=args.workdir, step=args.step, column=args.column)
+    return cli.config_main(lambda config, flags: run(config, flags, beam_args),
+                           define_flags=_define_flags, argv=[argv[0], *ours])
 
 
 if __name__ == "__main__":
