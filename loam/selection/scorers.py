@@ -34,6 +34,19 @@ class Heuristic(PerDocument):
         out["quality"] = float(np.mean(list(heuristics.goodness(s).values())))
         return out
 
+    def report(self, domain, columns, tokens):
+        """How ``quality`` spreads over the domain: its deciles, and the documents and tokens
+        above 0.5 (the point where the mean signal sits at its published threshold)."""
+        q = np.asarray(columns["quality"], np.float64)
+        ok = np.isfinite(q)
+        good = ok & (q >= 0.5)
+        return {"documents": int(ok.sum()), "tokens": int(np.asarray(tokens)[ok].sum()),
+                "quality_deciles": [round(float(x), 4) for x in
+                                    np.quantile(q[ok], np.linspace(0, 1, 11))] if ok.any()
+                else [],
+                "quality_above_half": {"documents": int(good.sum()),
+                                       "tokens": int(np.asarray(tokens)[good].sum())}}
+
 
 def id_uniform(doc_id: str) -> float:
     """A uniform [0, 1) number from a document id (float32-exact: the column's own value)."""
