@@ -149,3 +149,4 @@ class Model(PerDocument):
 
 # Scorers defined in their own modules (they register themselves on import).
 from loam.selection import filters  # noqa: E402,F401
+from loam.selection import dedup  # noqa: E402,F401

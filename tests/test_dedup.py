@@ -1,0 +1,190 @@
+"""Deduplication: exact and MinHash LSH clusters as Beam transforms over the bundled corpora with
+injected duplicates; survivors the same on one and two workers; bad parameters refused."""
+
+import json
+import random
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from loam.data import corpora
+from loam.selection import dedup
+from loam.selection.base import Doc, ScorerError, make
+
+
+def run_scorer(scorer, docs, out_dir, workers=1):
+    """{(domain, index): columns} from Beam's DirectRunner with `workers` worker processes."""
+    prefix = str(out_dir / "scored")
+    flags = ([f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+             if workers > 1 else [])
+    with beam.Pipeline(options=PipelineOptions(flags=flags)) as p:
+        (scorer.expand(p | beam.Create(docs))
+         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
+         | beam.io.WriteToText(prefix))
+    out = {}
+    for f in out_dir.glob("scored*"):
+        for line in f.read_text().splitlines():
+            domain, index, cols = json.loads(line)
+            out[domain, index] = cols
+    return out
+
+
+def edit(text, k, tag="edit", offset=0.0):
+    """The text with k of its words, evenly spread (shifted by `offset` of the spacing),
+    replaced by new words."""
+    words = text.split()
+    step = len(words) / k if k else 0
+    for i in range(k):
+        words[int((i + offset) * step)] = f"{tag}{i}"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def chapters():
+    """KJV chapters of 400 to 1,500 words (no two of them near duplicates)."""
+    texts = [t for _, t in corpora.read_documents(corpora.corpus_path("literature"))
+             if 400 <= len(t.split()) <= 1500]
+    return texts[:40]
+
+
+def docs_of(texts, domain="lit"):
+    return [Doc(domain, i, f"{domain}{i}", "train", t, len(t.split()) + 1)
+            for i, t in enumerate(texts)]
+
+
+def test_normalisation_and_exact_duplicates(tmp_path, chapters):
+    base = chapters[0]
+    variants = [base.upper(), base.replace(" ", "  \n"), base.replace(",", " , ").replace(".", "")]
+    assert {dedup.normalise(v) for v in variants} == {dedup.normalise(base)}
+    assert dedup.normalise("Hello,  World! It's 3+4 — «done».") == "hello world it s 3+4 done"
+    texts = chapters[:6] + variants + [edit(base, 1)]
+    out = run_scorer(make("dedup", {"method": "exact"}), docs_of(texts), tmp_path)
+    copies = [6, 7, 8]
+    for i in [0, *copies]:
+        assert out["lit", i] == {"dup_cluster": 0.0, "dup_cluster_size": 4.0,
+                                 "dup_keep": float(i == 0), "dup_repeat": 3.0 if i == 0 else 0.0}
+    for i in [1, 2, 3, 4, 5, 9]:  # one changed word is not an exact duplicate
+        assert out["lit", i] == {"dup_cluster": float(i), "dup_cluster_size": 1.0,
+                                 "dup_keep": 1.0, "dup_repeat": 1.0}
+
+
+def test_near_duplicates_above_the_threshold_found_none_well_below(tmp_path, chapters):
+    """Copies with a few words changed (Jaccard of word 5-grams >= 0.85: LSH finds each with
+    probability >= 0.988 under 14 x 8) are clustered with their original; copies with a quarter
+    of their words changed (Jaccard <= 0.2: probability < 1e-4) are not."""
+    originals = chapters[:20]
+    near = [edit(t, k) for t, k in zip(originals, [1, 2, 3, 4, 5] * 4)]
+    far = [edit(t, len(t.split()) // 4, "far") for t in originals[:10]]
+    texts = originals + near + far
+    sims_near = [dedup.jaccard(a, b) for a, b in zip(originals, near)]
+    sims_far = [dedup.jaccard(a, b) for a, b in zip(originals, far)]
+    assert min(sims_near) >= 0.85 and max(sims_far) <= 0.2
+    out = run_scorer(make("dedup", {}), docs_of(texts), tmp_path)
+    for i in range(20):
+        original, copy = out["lit", i], out["lit", 20 + i]
+        assert original["dup_cluster"] == copy["dup_cluster"] == i
+        assert original["dup_cluster_size"] == copy["dup_cluster_size"] == 2
+        assert (original["dup_keep"], copy["dup_keep"]) == (1.0, 0.0)
+        assert (original["dup_repeat"], copy["dup_repeat"]) == (2.0, 0.0)
+    for i in range(10):
+        assert out["lit", 40 + i]["dup_cluster_size"] == 1
+        assert out["lit", 40 + i]["dup_keep"] == 1
+
+
+def test_clusters_are_transitive(tmp_path, chapters):
+    """A chain of copies, each with new edits at other places than the last: neighbours are
+    near duplicates (LSH finds them with probability > 0.99), the ends are not (their Jaccard
+    is under 0.6, found with probability < 0.2), yet all are one cluster with one survivor."""
+    base = min(chapters[20:], key=lambda t: len(t.split()))
+    chain = [base]
+    for step in range(8):  # until the ends are no longer near duplicates
+        chain.append(edit(chain[-1], 6, f"s{step}x", offset=step / 8))
+        if dedup.jaccard(chain[0], chain[-1]) < 0.6:
+            break
+    assert all(dedup.jaccard(a, b) >= 0.85 for a, b in zip(chain, chain[1:]))
+    assert dedup.jaccard(chain[0], chain[-1]) < 0.6
+    texts = chapters[10:14] + chain[::-1]   # the original last: its index is the largest
+    out = run_scorer(make("dedup", {}), docs_of(texts), tmp_path)
+    n = len(chain)
+    members = [out["lit", i] for i in range(4, 4 + n)]
+    assert {m["dup_cluster"] for m in members} == {4.0}
+    assert {m["dup_cluster_size"] for m in members} == {float(n)}
+    assert [m["dup_keep"] for m in members] == [1] + [0] * (n - 1)
+    assert [m["dup_repeat"] for m in members] == [dedup.repeat_weight(n, dedup.FINEWEB2_REPEAT)] \
+        + [0] * (n - 1)
+    assert all(out["lit", i]["dup_cluster_size"] == 1 for i in range(4))
+    # Union-find gives the same components whatever the order of the edges.
+    edges = [(("a", 3), ("a", 1)), (("a", 7), ("a", 3)), (("b", 0), ("b", 2)), (("a", 9), ("a", 7))]
+    expected = dedup.components(edges)
+    rng = random.Random(0)
+    for _ in range(5):
+        rng.shuffle(edges)
+        assert dedup.components([(v, u) if rng.random() < 0.5 else (u, v) for u, v in edges]) \
+            == expected
+    assert dict(expected) == {("a", i): (("a", 1), 4) for i in (1, 3, 7, 9)} | {
+        ("b", i): (("b", 0), 2) for i in (0, 2)}
+
+
+def test_same_survivors_on_one_and_two_workers_and_global_scope(tmp_path, chapters):
+    originals = chapters[20:32]
+    copies = [edit(t, 2) for t in originals[:6]] + [originals[6]]
+    lit = docs_of(originals + copies, "lit")
+    # A second domain holding copies of some of the first's documents, and one of its own twice.
+    own = chapters[33]
+    web = docs_of([originals[0], edit(originals[1], 3), own, own.lower()], "web")
+    docs = lit + web
+    results = {}
+    for workers in (1, 2):
+        d = tmp_path / f"w{workers}"
+        d.mkdir()
+        results[workers] = run_scorer(make("dedup", {"scope": "global"}), docs, d, workers)
+    assert results[1] == results[2]
+    out = results[1]
+    assert sum(c["dup_keep"] for c in out.values()) == len(docs) - 7 - 3
+    # Across domains, the survivor is the smallest (domain, index): "lit" sorts before "web".
+    web_rank = 1 << 32
+    assert out["web", 0] == {"dup_cluster": 0.0, "dup_cluster_size": 3.0, "dup_keep": 0.0,
+                             "dup_repeat": 0.0}
+    assert out["lit", 0]["dup_keep"] == 1 and out["lit", 0]["dup_repeat"] == 3
+    assert out["web", 3]["dup_cluster"] == web_rank + 2 and out["web", 2]["dup_keep"] == 1
+    # Within domains, the web copies are their own survivors.
+    d = tmp_path / "domain"
+    d.mkdir()
+    per_domain = run_scorer(make("dedup", {}), docs, d)
+    assert per_domain["web", 0]["dup_keep"] == 1 and per_domain["web", 1]["dup_keep"] == 1
+    assert per_domain["web", 3]["dup_cluster"] == 2 and per_domain["lit", 0]["dup_repeat"] == 2
+
+
+def test_rehydration_weights_and_report():
+    table = dedup.parse_repeat("fineweb2")
+    sizes = [1, 2, 3, 4, 5, 99, 100, 999, 1000, 5000]
+    assert [dedup.repeat_weight(s, table) for s in sizes] == [1, 2, 3, 3, 5, 5, 8, 8, 1, 1]
+    assert dedup.repeat_weight(7, dedup.parse_repeat("1:1,2:2,5:4")) == 4
+    scorer = make("dedup", {})
+    columns = {"dup_cluster": np.array([0, 0, 0, 3, 4], np.float32),
+               "dup_cluster_size": np.array([3, 3, 3, 1, 1], np.float32),
+               "dup_keep": np.array([1, 0, 0, 1, 1], np.float32),
+               "dup_repeat": np.array([3, 0, 0, 1, 1], np.float32)}
+    rep = scorer.report("lit", columns, np.array([10, 11, 12, 20, 30]))
+    assert rep["removed"] == {"documents": 2, "tokens": 23}
+    assert rep["kept"] == {"documents": 3, "tokens": 60}
+    assert rep["in_clusters"] == {"documents": 3, "tokens": 33}
+    assert rep["rehydrated"] == {"documents": 5.0, "tokens": 80.0}
+    assert rep["lsh_threshold"] == pytest.approx((1 / 14) ** (1 / 8), abs=1e-4)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"ngram": 0}, r"ngram \(words per shingle\) must be a whole number >= 1, not 0"),
+    ({"ngram": "2.5"}, "ngram .* must be a whole number >= 1, not '2.5'"),
+    ({"bands": 14, "rows": 8, "num_perm": 128}, "num_perm=128 hash functions cannot make 14 "
+                                                "bands of 8 rows .*set num_perm=112"),
+    ({"rows": 0}, "rows must be a whole number >= 1"),
+    ({"method": "simhash"}, "unknown method 'simhash'"),
+    ({"scope": "world"}, "unknown scope 'world'"),
+    ({"repeat": "2:2"}, "not a rehydration table"),
+])
+def test_bad_parameters(params, message):
+    with pytest.raises(ScorerError, match=message):
+        make("dedup", params)
