@@ -16,6 +16,7 @@ from loam.data import columns as columns_lib
 from loam.data import corpora
 from loam.data import sources as sources_lib
 from loam.selection import base, heuristics, pipeline, scorers
+from loam.selection import score as score_cmd
 
 from helpers import ROOT
 
@@ -120,8 +121,8 @@ def _score(*args):
 
 
 @pytest.mark.e2e
-def test_command_scores_and_refuses_bad_input(setup):
-    cat, texts, config = setup
+def test_command_scores_a_configured_domain(setup):
+    cat, _, config = setup
     proc = _score("--scorer", "random", f"--config={config}", "--domains", "web",
                   "--num_workers", "1")
     assert proc.returncode == 0, proc.stderr
@@ -130,12 +131,18 @@ def test_command_scores_and_refuses_bad_input(setup):
     with open(config.parent / "web" / "part0.jsonl") as f:
         first = json.loads(f.readline())["id"]
     assert got[0] == pytest.approx(scorers.id_uniform(first))
-    for args, message in [
-            (["--scorer", "nope"], "unknown scorer 'nope'"),
-            (["--scorer", "random", "--param", "depth=3"], "has no parameter(s) ['depth']"),
-            (["--scorer", "random", "--domains", "poetry"], "unknown domain 'poetry'"),
-            (["--scorer", "model"], "needs --param workdir=RUN")]:
-        proc = _score(*args, f"--config={config}")
-        assert proc.returncode == 1
-        lines = proc.stderr.strip().splitlines()
-        assert lines[-1].startswith("error:") and message in lines[-1], proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scorer", "nope"], "unknown scorer 'nope'"),
+    (["--scorer", "random", "--param", "depth=3"], "has no parameter(s) ['depth']"),
+    (["--scorer", "random", "--domains", "poetry"], "unknown domain 'poetry'"),
+    (["--scorer", "model"], "needs --param workdir=RUN"),
+])
+def test_command_refuses_bad_input(setup, capsys, args, message):
+    _, _, config = setup
+    with pytest.raises(SystemExit) as e:
+        score_cmd.main(["score", *args, f"--config={config}"])
+    assert e.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error:") and message in lines[-1]

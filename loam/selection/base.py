@@ -15,6 +15,7 @@ apache_beam is imported inside ``expand``, so defining or configuring a scorer n
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -98,7 +99,7 @@ def register(cls):
 def make(name: str, params: Mapping[str, Any] | None = None) -> Scorer:
     """The scorer registered as ``name`` with ``params``; one clear error for an unknown name or
     parameter."""
-    import loam.selection.scorers  # noqa: F401,PLC0415  (registers the built-in scorers)
+    importlib.import_module("loam.selection.scorers")  # registers the built-in scorers
 
     if name not in SCORERS:
         raise ScorerError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")

@@ -16,8 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from loam import paths
+from loam import run as run_lib
 from loam.selection import heuristics
 from loam.selection.base import Doc, PerDocument, ScorerError, register
 
@@ -89,7 +93,6 @@ class Model(PerDocument):
         self._state = None
 
     def check(self, catalog) -> None:
-        from loam import paths  # noqa: PLC0415
         if not self.workdir:
             raise ScorerError("--scorer model needs --param workdir=RUN (a trained loam run)")
         if not paths.exists(paths.Path(self.workdir, "config.json")):
@@ -97,17 +100,12 @@ class Model(PerDocument):
                               "--param workdir=RUN of a trained run")
 
     def inputs(self) -> dict[str, str]:
-        from loam import paths  # noqa: PLC0415
         cfg = paths.read_bytes(paths.Path(self.workdir, "config.json")) if self.workdir else b""
         return {"checkpoint": f"{self.workdir}@{self.step}",
                 "config.json": hashlib.sha256(cfg).hexdigest()}
 
     def _load(self):
         if self._state is None:
-            import jax  # noqa: PLC0415
-            import jax.numpy as jnp  # noqa: PLC0415
-
-            from loam import run as run_lib  # noqa: PLC0415
             params, run, _ = run_lib.load_params(self.workdir,
                                                  None if self.step < 0 else self.step)
             model = run.model
