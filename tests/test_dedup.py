@@ -188,3 +188,29 @@ def test_rehydration_weights_and_report():
 def test_bad_parameters(params, message):
     with pytest.raises(ScorerError, match=message):
         make("dedup", params)
+
+
+def test_bench_at_toy_size_without_datatrove(tmp_path, capsys):
+    """The benchmark's corpus and loam's scores on it. Its near copies have Jaccard >= 0.75
+    (at most 2% of >= 100 words replaced), where 14 x 8 LSH finds a pair with probability
+    >= 0.83 and on average (the bench's expected_recall) >= 0.95; its far copies have Jaccard
+    <= 0.3 (probability < 1e-3 each). So recall >= 0.85 and precision >= 0.9 hold unless the
+    hashing or the clustering is broken (a miss or a false merge costs ~2-5% at this size)."""
+    from loam.bench import dedup as bench
+
+    report = bench.main(["--documents", "60", "--workdir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    truth = json.loads((tmp_path / "ground_truth.json").read_text())
+    near = [c for c in truth if c["duplicate"]]
+    assert report["injected_duplicates"] == len(near) >= 10
+    assert report["num_documents"] == 60 + len(truth)
+    assert report["near_jaccard_min"] >= 0.75 and report["far_jaccard_max"] <= 0.3
+    assert report["expected_recall"] >= 0.95
+    assert report["loam_recall"] >= 0.85 and report["loam_precision"] >= 0.9
+    assert report["loam_docs_per_s"] > 0
+    assert report["datatrove_docs_per_s"] is None and report["datatrove_recall"] is None
+    # The corpus on disk is what was scored: each copy of the truth is in it, once.
+    ids = [json.loads(line)["id"] for line in
+           (tmp_path / "corpus" / "corpus.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == report["num_documents"]
+    assert {c["id"] for c in truth} <= set(ids)
