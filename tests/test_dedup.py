@@ -144,17 +144,19 @@ def test_same_survivors_on_one_and_two_workers_and_global_scope(tmp_path, chapte
     out = results[1]
     assert sum(c["dup_keep"] for c in out.values()) == len(docs) - 7 - 3
     # Across domains, the survivor is the smallest (domain, index): "lit" sorts before "web".
-    web_rank = 1 << 32
-    assert out["web", 0] == {"dup_cluster": 0.0, "dup_cluster_size": 3.0, "dup_keep": 0.0,
-                             "dup_repeat": 0.0}
+    assert out["web", 0] == {"dup_cluster": 0.0, "dup_cluster_domain": 0.0,
+                             "dup_cluster_size": 3.0, "dup_keep": 0.0, "dup_repeat": 0.0}
     assert out["lit", 0]["dup_keep"] == 1 and out["lit", 0]["dup_repeat"] == 3
-    assert out["web", 3]["dup_cluster"] == web_rank + 2 and out["web", 2]["dup_keep"] == 1
+    assert (out["web", 3]["dup_cluster"], out["web", 3]["dup_cluster_domain"]) == (2, 1)
+    assert out["web", 2]["dup_keep"] == 1 and out["lit", 5]["dup_cluster_domain"] == 0
+    assert make("dedup", {"scope": "global"}).columns[-1] == "dup_cluster_domain"
     # Within domains, the web copies are their own survivors.
     d = tmp_path / "domain"
     d.mkdir()
     per_domain = run_scorer(make("dedup", {}), docs, d)
     assert per_domain["web", 0]["dup_keep"] == 1 and per_domain["web", 1]["dup_keep"] == 1
     assert per_domain["web", 3]["dup_cluster"] == 2 and per_domain["lit", 0]["dup_repeat"] == 2
+    assert all(set(c) == set(dedup.Dedup.columns) for c in per_domain.values())
 
 
 def test_rehydration_weights_and_report():

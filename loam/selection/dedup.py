@@ -30,9 +30,10 @@ of workers. The component of each document is joined back to the documents by Co
 Scope ``domain`` (default) looks for duplicates within each domain, ``global`` across all the
 domains scored together. Columns:
 
-* ``dup_cluster``: the cluster's smallest key: the document index within the domain (scope
-  ``domain``); for scope ``global``, rank(domain) * 2^32 + index, rank the position of the
-  domain among the sorted names of the domains scored together. A singleton's is its own key.
+* ``dup_cluster``: the index (within its domain) of the cluster's smallest member by
+  (domain, index); a singleton's is its own index. Scope ``global`` adds
+  ``dup_cluster_domain``: that member's domain, as its position among the sorted names of the
+  domains scored together. (Columns are float32: indices are exact below 2^24 documents.)
 * ``dup_cluster_size``: documents in the cluster (1 for a unique document).
 * ``dup_keep``: 1 for exactly one document per cluster, its smallest (domain, index); else 0.
 * ``dup_repeat``: FineWeb-2's rehydration weight for a survivor (0 for the others): the
@@ -220,6 +221,8 @@ class Dedup(Scorer):
     repeat: str = "fineweb2"   # rehydration table (see the module's docstring)
 
     def __post_init__(self):
+        if self.scope == "global":
+            self.columns = (*type(self).columns, "dup_cluster_domain")
         if self.method not in ("minhash", "exact"):
             raise ScorerError(f"dedup: unknown method {self.method!r}; use method=minhash "
                               "(near duplicates) or method=exact")
@@ -300,17 +303,15 @@ class Dedup(Scorer):
         found = list(groups["cluster"])
         root, size = found[0] if found else (key, 1)
         keep = root == key
-        return [(key[0], key[1], {
-            "dup_cluster": float(self._cluster_id(root, sorted(domains))),
+        cols = {
+            "dup_cluster": float(root[1]),
             "dup_cluster_size": float(size),
             "dup_keep": float(keep),
             "dup_repeat": float(repeat_weight(size, self._table) if keep else 0),
-        })]
-
-    def _cluster_id(self, root: tuple[str, int], domains: list[str]) -> int:
-        if self.scope == "domain":
-            return root[1]
-        return bisect.bisect_left(domains, root[0]) * (1 << 32) + root[1]
+        }
+        if self.scope == "global":
+            cols["dup_cluster_domain"] = float(bisect.bisect_left(sorted(domains), root[0]))
+        return [(key[0], key[1], cols)]
 
     def report(self, domain: str, columns: Mapping[str, Any], tokens: Any) -> dict:
         tokens = np.asarray(tokens, np.int64)
