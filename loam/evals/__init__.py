@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from loam.evals.choices import EvalConfigError
 from loam.evals.scoring import Scorer
 
-_NOT_KINDS = {"choices", "scoring"}
+_NOT_KINDS = {"choices", "scoring", "harness", "signal"}  # helpers and commands, not kinds
 
 
 class Downstream(Protocol):
