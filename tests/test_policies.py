@@ -115,7 +115,7 @@ def test_weighted_sum_of_z_scored_columns(bundled):
     ({"score": "quality", "policy": "top", "tokens": 10**9},
      "budget of 1,000,000,000 tokens is larger than"),
     ({"score": "quality", "policy": "threshold", "threshold": 0.5, "tokens": 10**9},
-     "tokens the documents that pass the threshold hold"),
+     "tokens of the documents that pass the threshold"),
     ({"score": "quality", "policy": "top"}, "needs exactly one budget"),
     ({"score": "quality", "policy": "gumbel", "fraction": 0.5}, "needs 'temperature' > 0"),
     ({"score": "quality", "policy": "top", "fraction": 0.5, "budget": 3}, "unknown key(s)"),
@@ -222,3 +222,25 @@ def test_nan_scores_are_counted_and_refused(own_store):
                                  selection={"code": views.parse_selection(
                                      "code", {"score": "partial", "policy": "top",
                                               "fraction": 0.5})})
+
+
+def test_a_column_whose_scorer_inputs_changed_is_stale(own_store, tmp_path):
+    from loam.configs import default
+    from loam.selection import base, policies
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"seed": 1}')
+    scorer = base.make("model", {"workdir": str(run), "column": "ref_loss"})
+    p = own_store.prepared("code")
+    loss = columns_lib.doc_tokens(p).astype(np.float32)
+    columns_lib.write(p, scorer.name, scorer.params(), scorer.inputs(), {"ref_loss": loss})
+    c = default.get_config("runlocal")
+    c.data.sources = {"code": "bundled:code"}
+    c.data.prepared_dir = own_store.root
+    c.data.selection = {"code": {"score": "ref_loss", "policy": "top", "fraction": 0.5}}
+    (summary,) = policies.summaries(c)
+    assert summary["documents"] == round(0.5 * summary["of_documents"])
+    (run / "config.json").write_text('{"seed": 2}')  # another reference model
+    with pytest.raises(columns_lib.ColumnError, match="stale: the inputs of scorer 'model'"):
+        policies.summaries(c)

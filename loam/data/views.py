@@ -202,7 +202,7 @@ def select_documents(sel: Selection, domain: str, docs: np.ndarray, lengths: np.
             chosen = passing
         else:
             chosen = _by_tokens(key, lengths, budget, available_tokens, where,
-                                "pass the threshold")
+                                "of the documents that pass the threshold")
     else:
         key = score
         if e["policy"] == "gumbel":
@@ -215,7 +215,7 @@ def select_documents(sel: Selection, domain: str, docs: np.ndarray, lengths: np.
             chosen[np.argsort(-key, kind="stable")[:k]] = True
         else:
             chosen = _by_tokens(key, lengths, budget, int(lengths.sum()), where,
-                                "the domain holds")
+                                "of all the domain's training documents")
     copies = chosen.astype(np.int64)
     if "repeat" in e:
         w = np.asarray(column(e["repeat"]), np.float64)[docs]
@@ -238,8 +238,7 @@ def select_documents(sel: Selection, domain: str, docs: np.ndarray, lengths: np.
 def _by_tokens(key, lengths, budget, available_tokens, where, what) -> np.ndarray:
     if budget > available_tokens:
         raise SelectionError(f"{where}: the budget of {int(budget):,} tokens is larger than the "
-                             f"{available_tokens:,} tokens the documents that {what} hold; lower "
-                             "'tokens' (or loosen the filter)")
+                             f"{available_tokens:,} tokens {what}; lower 'tokens'")
     order = np.argsort(-key, kind="stable")
     within = np.cumsum(lengths[order]) <= budget
     within[0] = True
