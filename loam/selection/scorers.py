@@ -146,5 +146,9 @@ class Model(PerDocument):
 
 
 # Scorers defined in their own modules (they register themselves on import).
+import loam.selection.dsir  # noqa: E402,F401
+import loam.selection.perplexity  # noqa: E402,F401
+import loam.selection.ratings  # noqa: E402,F401
+import loam.selection.zipfit  # noqa: E402,F401
 from loam.selection import filters  # noqa: E402,F401
 from loam.selection import dedup  # noqa: E402,F401
