@@ -54,6 +54,13 @@ non-blank lines (right-stripped):
     0.01, FineWeb-2 set it back to 0.1: ``fineweb_dup_line_chars=0.01`` for datatrove's);
   fineweb_newline_ratio: newlines per word <= 0.3.
 
+The thresholds are the papers' and datatrove's defaults alike, except FineWeb's duplicated-line
+characters (above). What is counted differs from datatrove where it splits words with NLTK
+(punctuation marks become tokens of their own, which count as non-alphabetic words there and
+lower its mean word length); here words are white-space tokens, as the Gopher paper describes.
+datatrove also counts blank lines in the bullet and ellipsis fractions, divides the line and
+paragraph character fractions by the whole text's length, and needs stop words in lower case.
+
 The report (``{scorer}.report.json``) gives, per domain, the documents and tokens each rule
 drops on its own and, applying the rules one after another in the order above, the documents
 and tokens each rule drops among those the earlier rules kept, and what remains after it.
