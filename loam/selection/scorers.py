@@ -100,9 +100,11 @@ class Model(PerDocument):
                               "--param workdir=RUN of a trained run")
 
     def inputs(self) -> dict[str, str]:
-        cfg = paths.read_bytes(paths.Path(self.workdir, "config.json")) if self.workdir else b""
-        return {"checkpoint": f"{self.workdir}@{self.step}",
-                "config.json": hashlib.sha256(cfg).hexdigest()}
+        """The run and step, and its config.json's sha256 ("missing" once the run is gone)."""
+        config = paths.Path(self.workdir or ".", "config.json")
+        digest = (hashlib.sha256(paths.read_bytes(config)).hexdigest()
+                  if self.workdir and paths.exists(config) else "missing")
+        return {"checkpoint": f"{self.workdir}@{self.step}", "config.json": digest}
 
     def _load(self):
         if self._state is None:
@@ -145,10 +147,11 @@ class Model(PerDocument):
         return {self.column: total / count if count else float("nan")}
 
 
-# Scorers defined in their own modules (they register themselves on import).
+# Scorers defined in their own modules (they register themselves on import): one line each,
+# in alphabetical order.
+import loam.selection.dedup  # noqa: E402,F401
 import loam.selection.dsir  # noqa: E402,F401
+import loam.selection.filters  # noqa: E402,F401
 import loam.selection.perplexity  # noqa: E402,F401
 import loam.selection.ratings  # noqa: E402,F401
 import loam.selection.zipfit  # noqa: E402,F401
-from loam.selection import filters  # noqa: E402,F401
-from loam.selection import dedup  # noqa: E402,F401
