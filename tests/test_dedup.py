@@ -70,51 +70,71 @@ def test_normalisation_and_exact_duplicates(tmp_path, chapters):
                                  "dup_keep": 1.0, "dup_repeat": 1.0}
 
 
-def test_near_duplicates_above_the_threshold_found_none_well_below(tmp_path, chapters):
-    """Copies with a few words changed (Jaccard of word 5-grams >= 0.85: LSH finds each with
-    probability >= 0.988 under 14 x 8) are clustered with their original; copies with a quarter
-    of their words changed (Jaccard <= 0.2: probability < 1e-4) are not."""
+def near_set(chapters):
+    """Originals, copies with a few words changed, copies with a quarter changed."""
     originals = chapters[:20]
     near = [edit(t, k) for t, k in zip(originals, [1, 2, 3, 4, 5] * 4)]
     far = [edit(t, len(t.split()) // 4, "far") for t in originals[:10]]
-    texts = originals + near + far
+    return originals, near, far
+
+
+def chain_set(chapters):
+    """A chain of copies, each with new edits at other places than the last, until the ends
+    are no longer near duplicates."""
+    chain = [min(chapters[20:], key=lambda t: len(t.split()))]
+    for step in range(8):
+        chain.append(edit(chain[-1], 6, f"s{step}x", offset=step / 8))
+        if dedup.jaccard(chain[0], chain[-1]) < 0.6:
+            break
+    return chain
+
+
+@pytest.fixture(scope="module")
+def minhash_run(tmp_path_factory, chapters):
+    """One pipeline (scope: domain) over two domains: "near" and "chain"."""
+    originals, near, far = near_set(chapters)
+    chain = chain_set(chapters)
+    docs = (docs_of(originals + near + far, "near")
+            + docs_of(chapters[10:14] + chain[::-1], "chain"))  # the chain's original last
+    return run_scorer(make("dedup", {}), docs, tmp_path_factory.mktemp("minhash"))
+
+
+def test_near_duplicates_above_the_threshold_found_none_well_below(minhash_run, chapters):
+    """Copies with a few words changed (Jaccard of word 5-grams >= 0.85: LSH finds each with
+    probability >= 0.988 under 14 x 8) are clustered with their original; copies with a quarter
+    of their words changed (Jaccard <= 0.2: probability < 1e-4) are not."""
+    originals, near, far = near_set(chapters)
     sims_near = [dedup.jaccard(a, b) for a, b in zip(originals, near)]
     sims_far = [dedup.jaccard(a, b) for a, b in zip(originals, far)]
     assert min(sims_near) >= 0.85 and max(sims_far) <= 0.2
-    out = run_scorer(make("dedup", {}), docs_of(texts), tmp_path)
+    out = minhash_run
     for i in range(20):
-        original, copy = out["lit", i], out["lit", 20 + i]
+        original, copy = out["near", i], out["near", 20 + i]
         assert original["dup_cluster"] == copy["dup_cluster"] == i
         assert original["dup_cluster_size"] == copy["dup_cluster_size"] == 2
         assert (original["dup_keep"], copy["dup_keep"]) == (1.0, 0.0)
         assert (original["dup_repeat"], copy["dup_repeat"]) == (2.0, 0.0)
     for i in range(10):
-        assert out["lit", 40 + i]["dup_cluster_size"] == 1
-        assert out["lit", 40 + i]["dup_keep"] == 1
+        assert out["near", 40 + i]["dup_cluster_size"] == 1
+        assert out["near", 40 + i]["dup_keep"] == 1
 
 
-def test_clusters_are_transitive(tmp_path, chapters):
-    """A chain of copies, each with new edits at other places than the last: neighbours are
-    near duplicates (LSH finds them with probability > 0.99), the ends are not (their Jaccard
-    is under 0.6, found with probability < 0.2), yet all are one cluster with one survivor."""
-    base = min(chapters[20:], key=lambda t: len(t.split()))
-    chain = [base]
-    for step in range(8):  # until the ends are no longer near duplicates
-        chain.append(edit(chain[-1], 6, f"s{step}x", offset=step / 8))
-        if dedup.jaccard(chain[0], chain[-1]) < 0.6:
-            break
+def test_clusters_are_transitive(minhash_run, chapters):
+    """Neighbours in a chain of edited copies are near duplicates (LSH finds them with
+    probability > 0.99), its ends are not (Jaccard under 0.6, found with probability < 0.2),
+    yet all are one cluster with one survivor."""
+    chain = chain_set(chapters)
     assert all(dedup.jaccard(a, b) >= 0.85 for a, b in zip(chain, chain[1:]))
     assert dedup.jaccard(chain[0], chain[-1]) < 0.6
-    texts = chapters[10:14] + chain[::-1]   # the original last: its index is the largest
-    out = run_scorer(make("dedup", {}), docs_of(texts), tmp_path)
+    out = minhash_run
     n = len(chain)
-    members = [out["lit", i] for i in range(4, 4 + n)]
+    members = [out["chain", i] for i in range(4, 4 + n)]
     assert {m["dup_cluster"] for m in members} == {4.0}
     assert {m["dup_cluster_size"] for m in members} == {float(n)}
     assert [m["dup_keep"] for m in members] == [1] + [0] * (n - 1)
     assert [m["dup_repeat"] for m in members] == [dedup.repeat_weight(n, dedup.FINEWEB2_REPEAT)] \
         + [0] * (n - 1)
-    assert all(out["lit", i]["dup_cluster_size"] == 1 for i in range(4))
+    assert all(out["chain", i]["dup_cluster_size"] == 1 for i in range(4))
     # Union-find gives the same components whatever the order of the edges.
     edges = [(("a", 3), ("a", 1)), (("a", 7), ("a", 3)), (("b", 0), ("b", 2)), (("a", 9), ("a", 7))]
     expected = dedup.components(edges)
