@@ -96,6 +96,11 @@ def test_gumbel_limits_top_k_and_uniform(bundled):
     b = pick({"score": "quality", "policy": "gumbel", "fraction": 0.2, "temperature": 0.05},
              bundled, 7)[1]
     assert np.array_equal(a, b)
+    # A token budget: as many of the perturbed order's first documents as fit.
+    _, _, lengths, _ = bundled
+    g = pick({"score": "quality", "policy": "gumbel", "tokens": 100_000, "temperature": 0.05},
+             bundled, 7)[1] > 0
+    assert lengths[g].sum() <= 100_000 < lengths[g].sum() + lengths[~g].max()
 
 
 def test_weighted_sum_of_z_scored_columns(bundled):

@@ -187,7 +187,7 @@ def available(catalog_or_prepared, domain: str | None = None) -> dict[str, str]:
             continue
         m = json.loads(_read_bytes(prepare._join(root, n)) or b"{}")
         for c in m.get("columns", []):
-            if _read_bytes(prepare._join(root, f"{c}.npz")) is not None:
+            if prepare._exists(prepare._join(root, f"{c}.npz")):
                 out[c] = m.get("scorer", n[:-5])
     return dict(sorted(out.items()))
 
