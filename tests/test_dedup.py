@@ -236,3 +236,14 @@ def test_bench_at_toy_size_without_datatrove(tmp_path, capsys):
            (tmp_path / "corpus" / "corpus.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == report["num_documents"]
     assert {c["id"] for c in truth} <= set(ids)
+
+
+def test_bench_refuses_bad_settings(capsys):
+    from loam.bench import dedup as bench
+
+    for argv, message in [(["--ngram", "0"], "ngram (words per shingle) must be a whole number"),
+                          (["--bands", "0"], "bands must be a whole number >= 1"),
+                          (["--datatrove_python", "/no/such/python"], "is not an interpreter")]:
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err

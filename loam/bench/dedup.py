@@ -58,7 +58,7 @@ from pathlib import Path
 
 from loam.data import corpora
 from loam.selection import dedup
-from loam.selection.base import Doc
+from loam.selection.base import Doc, ScorerError
 
 PROSE_DOMAINS = ("literature", "dialogue", "docs")
 NEAR_EDITS = (0.0, 0.005, 0.01, 0.02, "surface")
@@ -299,7 +299,13 @@ def main(argv=None) -> dict:
             p.error(f"--{name} must be in [0, 1]")
     if args.near_fraction + args.far_fraction > 1:
         p.error("--near_fraction + --far_fraction must be at most 1")
-    dedup.Dedup(ngram=args.ngram, bands=args.bands, rows=args.rows, seed=args.seed)  # checks
+    try:
+        dedup.Dedup(ngram=args.ngram, bands=args.bands, rows=args.rows, seed=args.seed)
+    except ScorerError as e:
+        p.error(str(e))
+    if args.datatrove_python and not shutil.which(args.datatrove_python):
+        p.error(f"--datatrove_python {args.datatrove_python} is not an interpreter here; "
+                f"install one with: {INSTALL_HINT}")
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dedup-"))
     workdir.mkdir(parents=True, exist_ok=True)
