@@ -158,3 +158,18 @@ def test_bad_targets(tmp_path):
         dsir.DSIR(target="code", raw="global").check(None)
     with pytest.raises(ScorerError, match="no target"):
         dsir.DSIR().check(None)
+
+
+def test_bench_toy_size(capsys):
+    """The benchmark at a toy size, without the reference package (unless it is installed)."""
+    from loam.bench import dsir as bench
+
+    assert bench.main(["--raw_domains", "docs,code", "--max_docs", "6", "--fraction", "0.25",
+                       "--target", "code:validation"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["docs"] == 12 and report["k"] == 3 and report["loam_docs_per_s"] > 0
+    assert {"loam_docs_per_s", "reference_docs_per_s", "selection_overlap"} <= set(report)
+    if report["reference"] is None:
+        assert "pip install data-selection==1.0.3" in report["reference_missing"]
+    else:
+        assert report["logw_max_abs_diff"] < 1e-6 and report["topk_overlap"] == 1.0

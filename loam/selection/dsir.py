@@ -10,8 +10,9 @@ from the documents being scored. A document's importance weight is
     log w(x) = log p_target(x) - log p_raw(x) = sum over its n-grams g of
                log(p_target[b(g)] + 1e-8) - log(p_raw[b(g)] + 1e-8)
 
-(the 1e-8 as in the authors' ``data-selection`` package; their ``target_laplace_smoothing``
-is ``smoothing`` here, and their default is 0), written as the column ``dsir_logw``. Resampling
+(the 1e-8 as in the authors' ``data-selection`` package; ``smoothing`` is the pseudo-count
+their repository later added as ``target_laplace_smoothing``, default 0 there and absent from
+the 1.0.3 release: ``smoothing=0`` is their estimator), written as the column ``dsir_logw``. Resampling
 k documents without replacement with probabilities proportional to w is the Gumbel top-k of the
 shared selection policies; ``resample`` gives the same draw for the benchmark.
 
