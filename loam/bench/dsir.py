@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -64,8 +65,6 @@ def reference(raw_path: str, target_path: str, workdir: str, num_buckets: int,
               smoothing: float, workers: int, k: int, seed: int) -> dict:
     import data_selection  # noqa: PLC0415
     from data_selection import HashedNgramDSIR  # noqa: PLC0415
-
-    import inspect  # noqa: PLC0415
 
     n = sum(1 for line in open(raw_path) if line.strip())
     extra = {}
