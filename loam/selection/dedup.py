@@ -58,6 +58,7 @@ import numpy as np
 from loam.selection.base import Doc, Scorer, ScorerError, register
 
 FINEWEB2_REPEAT = {1: 1, 2: 2, 3: 3, 5: 5, 100: 8, 1000: 1}
+COLUMNS: tuple[str, ...] = ("dup_cluster", "dup_cluster_size", "dup_keep", "dup_repeat")
 _SPACE = re.compile(r"\s+")
 _POLY = np.uint64(0x100000001B3)  # odd multiplier of the shingle polynomial
 _CHUNK = 4096                     # shingles hashed at once (bounds memory for long documents)
@@ -210,7 +211,7 @@ def _positive_int(value: Any, what: str, hint: str) -> int:
 class Dedup(Scorer):
     """Clusters of exact or near duplicates, one survivor each, and rehydration weights."""
     name = "dedup"
-    columns = ("dup_cluster", "dup_cluster_size", "dup_keep", "dup_repeat")
+    columns = COLUMNS
     method: str = "minhash"    # "minhash" or "exact"
     scope: str = "domain"      # "domain" or "global"
     ngram: int = 5             # words per shingle
