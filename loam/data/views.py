@@ -20,6 +20,7 @@ A selection (``config.data.selection[domain]``) keeps the documents a policy pic
      "seed": 0,                          # gumbel, repeat="sample": default the run's seed
      "repeat": "col",                    # optional: copies per document from a column:
      "repeat_mode": "round"}             #   round(w) copies, or "sample": w in expectation
+                                         #   (budgets count each document once)
 
 Every document of the selection goes through the stream once per epoch (a repeated one that
 many times); a stage's ``keep``/``order`` ranks and orders within the selection. Everything is a
