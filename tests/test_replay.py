@@ -57,6 +57,12 @@ def test_replay_composes_with_curriculum_stages():
     assert w1[names.index("docs")] == pytest.approx(0.375) == w1[names.index("reference")]
     for w in (w0, w1):
         assert w[[names.index(d) for d in OLD]].sum() == pytest.approx(0.25)
+    want = np.zeros(len(names))
+    for t in range(30):  # across the stage switch, every domain within one row
+        want += stream.weights_at(t) * stream.batch_size
+        assert np.all(np.abs(stream.rows_consumed(t + 1) - want) <= 1), t
+    assert stream.rows_consumed(30)[[names.index(d) for d in OLD]].sum() == pytest.approx(
+        0.25 * 30 * stream.batch_size, abs=2)
     assert _stream(_config(0.0)).weights_at(0) == pytest.approx([0.2] * 5)  # 0: no replay
 
 
@@ -76,8 +82,70 @@ def test_bad_replay_is_refused_before_anything_is_written(tmp_path, fields, mess
     assert not (tmp_path / "run").exists()
 
 
-def test_replay_with_an_online_method_is_refused():
+def _feed(stream, t):
+    """The stream's step t as a trainer would report it: each domain's rows times a per-domain
+    loss (the new domain "code" the hardest, so an online method leans towards it)."""
+    rows = stream.rows_at(t).astype(np.float64)
+    per_token = np.array([{"code": 4.0}.get(d, 2.0) for d in stream.names])
+    tokens = rows * stream.seq_len
+    stream.observe(t, per_token * tokens, tokens)
+
+
+def test_replay_composes_with_an_online_method():
+    """ODM picks the new domains' share (its arms are the new domains alone), replay keeps its
+    fraction of the rows; the method reads back its own weights, not the replay-scaled ones."""
     c = _config(0.25)
-    c.mixing.method = "greedy_loss"
-    with pytest.raises(ValueError, match="online mixing method"):
+    c.mixing.method = "odm"
+    stream = _stream(c)
+    source = stream.source
+    assert source.adaptive and source.inner.domains == ["code", "docs", "reference"]
+    old = [stream.names.index(d) for d in OLD]
+    code = stream.names.index("code")
+    B, steps = stream.batch_size, 60
+    for t in range(steps):
+        if t >= 1:
+            _feed(stream, t - 1)
+        w = stream.weights_at(t)
+        assert w[old].sum() == pytest.approx(0.25)
+        new = [stream.names.index(d) for d in source.inner.domains]
+        assert w[new] / 0.75 == pytest.approx(source.inner.policy(t))  # ODM's own π
+        assert abs(stream.rows_consumed(t + 1)[old].sum() - 0.25 * B * (t + 1)) <= 1, t
+    late = stream.weights_at(steps - 1)
+    assert late[code] > late[stream.names.index("docs")]  # the bandit learnt the hard domain
+    # Methods that need the trainer beyond the losses are refused in one line.
+    c.mixing.method = "aioli"
+    with pytest.raises(ValueError, match="reference model or probe rounds"):
         _stream(c)
+
+
+def test_a_schedule_of_replay_fractions_is_realised_step_by_step():
+    c = _config(0.0, weights="uniform")
+    c.data.replay = {"fraction": [[0, 0.25], [20, 0.05], [50, 0.0]], "domains": list(OLD),
+                     "weights": "uniform"}
+    stream = _stream(c)
+    old = [stream.names.index(d) for d in OLD]
+    B = stream.batch_size
+    want = 0.0  # rows of each replay domain (uniform: half the fraction each)
+    for t in range(80):
+        f = 0.25 if t < 20 else 0.05 if t < 50 else 0.0
+        assert stream.weights_at(t)[old].sum() == pytest.approx(f), t
+        want += f / 2 * B
+        assert np.all(np.abs(stream.rows_consumed(t + 1)[old] - want) <= 1), t
+    assert stream.rows_consumed(80)[old].sum() == stream.rows_consumed(50)[old].sum()
+
+
+@pytest.mark.parametrize("fraction,message", [
+    ([[0, 0.25], [10, 1.5]], "replay.fraction=1.5 must lie in [0, 1)"),
+    ([[0, 0.25], [10, 0.1], [5, 0.05]], "step 5 comes after step 10; list the [step, fraction] "
+                                        "pairs by increasing step"),
+    ([[3, 0.25]], "the first [step, fraction] pair must be at step 0"),
+    ([[0, 0.25], [2.5, 0.1]], "step 2.5 is not a step number"),
+    ([0.25, 0.1], "0.25 is not a [step, fraction] pair"),
+])
+def test_bad_replay_schedules_are_one_line(tmp_path, fraction, message):
+    c = _config(0.0)
+    c.data.replay = {"fraction": fraction, "domains": list(OLD), "weights": "uniform"}
+    with pytest.raises(ValueError) as e:
+        train_lib.train(c, tmp_path / "run")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()

@@ -175,3 +175,26 @@ def test_trainer_logs_the_infinite_schedule_and_refuses_overlap(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: config.optim: infinite schedule") and "overlap" in err[-1]
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_a_curriculum_stage_may_start_at_the_anneal():
+    """'lr:anneal' is the infinite schedule's anneal start, as 'lr:decay' is WSD's decay; a
+    schedule without an annealing phase refuses it in one line."""
+    from loam.data import curriculum
+
+    stages = [dict(name="main", start=0, weights="uniform"),
+              dict(name="cool", start="lr:anneal", weights={"code": 1.0})]
+    c = _config(schedule="infinite", anneal_start=150, cooldown_steps=20)
+    c.steps = 300
+    c.data.stages = stages
+    got = curriculum.stages_from_config(c)
+    assert [s.start for s in got.stages] == [0, 150]
+    c.optim.anneal_start = 250  # the stage moves with the anneal
+    assert curriculum.stages_from_config(c).stages[1].start == 250
+    for optim, words in (({"anneal_start": 0}, "never anneals (optim.anneal_start=0)"),
+                         ({"schedule": "cosine"}, "'cosine' schedule has none")):
+        c.optim.update(optim)
+        with pytest.raises(curriculum.CurriculumError) as e:
+            curriculum.stages_from_config(c)
+        assert words in str(e.value) and "lr:anneal" in str(e.value)
+        assert "\n" not in str(e.value)

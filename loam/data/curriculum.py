@@ -9,7 +9,8 @@
     c.data.interpolate = False   # True: weights move linearly from one stage's start to the next
 
 A stage starts at a step (int), a fraction of training (0.8 or "80%"), or a phase of the
-learning-rate schedule ("lr:warmup_end", "lr:decay"), so changing `steps` moves data and learning
+learning-rate schedule ("lr:warmup_end", "lr:decay" for WSD and cosine, "lr:anneal" for an
+infinite schedule's annealing phase), so changing `steps` moves data and learning
 rate together. `weights` is a dict, a list or a recipe (see loam.data.recipes). `order` makes a
 domain's documents arrive sorted by a score column ("column:asc" / "column:desc") instead of
 shuffled; `keep` restricts a domain to a quantile range of a column ("column:lo:hi") (see
@@ -56,6 +57,8 @@ def lr_phases(config) -> dict[str, int]:
                               steps - max(1, int(round(o.decay_fraction * steps))))
     elif o.schedule == "cosine":
         phases["decay"] = int(o.warmup_steps)
+    elif o.schedule == "infinite" and int(o.get("anneal_start", 0) or 0) > 0:
+        phases["anneal"] = int(o.anneal_start)
     return phases
 
 
@@ -66,6 +69,15 @@ def resolve_start(start, config, stage_name: str) -> int:
     if isinstance(start, str) and start.startswith("lr:"):
         phases = lr_phases(config)
         phase = start[3:]
+        if phase == "anneal" and phase not in phases:
+            raise CurriculumError(
+                f"stage {stage_name!r}: start='lr:anneal' names the start of an infinite "
+                "schedule's annealing phase, but this run's "
+                + (f"{config.optim.schedule!r} schedule has none"
+                   if config.optim.schedule != "infinite" else
+                   "infinite schedule never anneals (optim.anneal_start=0)")
+                + "; set --config.optim.schedule=infinite --config.optim.anneal_start=STEP, or "
+                "start the stage at a step")
         if phase not in phases:
             raise CurriculumError(
                 f"stage {stage_name!r}: start={start!r} names no phase of the "

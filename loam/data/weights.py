@@ -59,7 +59,8 @@ def source_from_config(config) -> WeightSource:
                 raise  # the controller's own imports failed: show them
             raise ValueError(f"config.mixing.method={method!r}: no module {name}; use 'static' "
                              "or the name of a module in loam/mixing/online/") from None
-        source = module.make_source(config, domains)
+        # With replay, the method chooses the new domains' share alone (loam.data.replay).
+        source = module.make_source(config, _outside_replay(config, domains))
         if not isinstance(source, WeightSource):
             raise TypeError(f"{name}.make_source returned {type(source).__name__}, not a "
                             "loam.data.schedules.WeightSource")
@@ -73,13 +74,24 @@ def source_from_config(config) -> WeightSource:
     return _with_replay(config, source, domains)
 
 
+def _outside_replay(config, domains: Sequence[str]) -> list[str]:
+    """The mixture's domains without the replay domains (all of them without replay)."""
+    replay = config.data.get("replay")
+    if not replay:
+        return list(domains)
+    schedule, names = replay_lib.check(replay, domains)
+    if all(f == 0 for _, f in schedule):
+        return list(domains)
+    return [d for d in domains if d not in names]
+
+
 def _with_replay(config, source: WeightSource, domains: Sequence[str]) -> WeightSource:
     """``source`` with ``config.data.replay`` (a fraction of every batch from old domains)."""
     replay = config.data.get("replay")
     if not replay:
         return source
-    fraction, names = replay_lib.check(replay, domains)
-    if fraction == 0:
+    schedule, names = replay_lib.check(replay, domains)
+    if all(f == 0 for _, f in schedule):
         return source
     spec = replay.get("weights") or "proportional"
     spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
@@ -87,7 +99,7 @@ def _with_replay(config, source: WeightSource, domains: Sequence[str]) -> Weight
         w = recipes.config_weights(config, weights=spec, domains=names)
     except ValueError as e:
         raise ValueError(f"config.data.replay.weights={spec!r}: {e}") from None
-    return replay_lib.Replay(source, fraction, dict(zip(names, w.tolist())))
+    return replay_lib.Replay(source, schedule, dict(zip(names, w.tolist())))
 
 
 def _rows(n: int, d: int) -> np.ndarray:
