@@ -34,19 +34,33 @@ def run_scorer(scorer, docs, out_dir):
 
 
 def direct_loss(params, model, ids, seq_len):
-    """Mean next-token loss of a token list: chunk by chunk, each its own unpadded forward pass
-    (input = the chunk shifted right after a 0)."""
+    """Mean next-token loss of a token list (input = the tokens shifted right after a 0): one
+    unpadded forward pass if it fits in seq_len, else chunk by chunk, each alone in a row of
+    seq_len (the rest of the row padding, segment 0)."""
     @jax.jit
-    def nll(params, c):
-        inputs = jnp.concatenate([jnp.zeros(1, jnp.int32), c[:-1]])[None]
-        logits = model.apply({"params": params}, inputs, segment_ids=jnp.ones_like(inputs),
-                             positions=jnp.arange(c.shape[0])[None],
+    def nll(params, inputs, targets, segment_ids):
+        logits = model.apply({"params": params}, inputs, segment_ids=segment_ids,
+                             positions=jnp.arange(seq_len)[None],
                              prefix=jnp.zeros_like(inputs))
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))[0]
-        return -jnp.take_along_axis(logp, c[:, None], axis=-1).sum()
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-    chunks = [np.asarray(ids[s:s + seq_len], np.int32) for s in range(0, len(ids), seq_len)]
-    return sum(float(nll(params, jnp.asarray(c))) for c in chunks) / len(ids)
+    if len(ids) <= seq_len:  # one chunk: one unpadded forward pass
+        c = np.asarray(ids, np.int32)[None]
+        inputs = np.concatenate([np.zeros((1, 1), np.int32), c[:, :-1]], axis=1)
+        logits = jax.jit(model.apply)({"params": params}, inputs, segment_ids=np.ones_like(c),
+                                      positions=np.arange(c.shape[1])[None],
+                                      prefix=np.zeros_like(c))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))[0]
+        return float(-logp[np.arange(c.shape[1]), c[0]].mean())
+    total = 0.0
+    for s in range(0, len(ids), seq_len):
+        c = np.asarray(ids[s:s + seq_len], np.int32)
+        n = len(c)
+        inputs, targets, seg = (np.zeros((1, seq_len), np.int32) for _ in range(3))
+        inputs[0, 1:n], targets[0, :n], seg[0, :n] = c[:-1], c, 1
+        total += float(np.asarray(nll(params, inputs, targets, seg))[0, :n].sum())
+    return total / len(ids)
 
 
 def test_losses_and_terciles(reference_run, tmp_path):

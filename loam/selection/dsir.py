@@ -31,10 +31,10 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,18 +130,20 @@ _TOKEN_FIELDS = ("tokens", "input_ids", "ids", "token_ids")
 
 
 def _is_file(spec: str) -> bool:
-    return spec.endswith((".jsonl", ".jsonl.gz", ".json")) or "/" in spec or Path(spec).exists()
+    return spec.endswith((".jsonl", ".jsonl.gz", ".json", ".gz")) or "/" in spec
 
 
 def read_target_file(path: str, text_field: str = "text") -> Iterator[str]:
     """The texts of a JSON-lines file of target documents (gzip'd if it ends in .gz)."""
-    p = Path(path)
-    if not p.exists():
+    from loam import paths  # noqa: PLC0415  (local files and gs:// alike)
+
+    if not paths.exists(path):
         raise ScorerError(f"target file {path} does not exist; give a JSON-lines file with a "
                           f"{text_field!r} field per line, or a domain name (DOMAIN or "
                           "DOMAIN:validation)")
-    opener: Any = gzip.open if p.name.endswith(".gz") else open
-    with opener(p, "rt", encoding="utf-8") as f:
+    with paths.open(path, "rb") as raw:
+        data: Any = gzip.GzipFile(fileobj=raw) if str(path).endswith(".gz") else raw
+        f = io.TextIOWrapper(data, encoding="utf-8")
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
