@@ -14,7 +14,9 @@ from the documents being scored. A document's importance weight is
 their repository later added as ``target_laplace_smoothing``, default 0 there and absent from
 the 1.0.3 release: ``smoothing=0`` is their estimator), written as the column ``dsir_logw``.
 Resampling k documents without replacement with probabilities proportional to w is the Gumbel
-top-k of the shared selection policies; ``resample`` gives the same draw for the benchmark.
+top-k of the shared selection policies (``config.data.selection[domain] = {"score":
+"dsir_logw", "policy": "gumbel", "temperature": 1.0, "fraction": ...}``); ``resample`` gives
+the authors' draw for the benchmark.
 
 The target (``target=``): ``DOMAIN`` (every document of a domain of the catalog),
 ``DOMAIN:validation`` or ``DOMAIN:train`` (one split of it), or a JSON-lines file (``.jsonl``,
