@@ -152,7 +152,7 @@ class Perplexity(Scorer):
 
     workdir: str = ""
     step: int = -1          # -1: the newest checkpoint
-    batch_size: int = 8     # rows of seq_len tokens per forward pass
+    batch_size: int = 32    # rows of seq_len tokens per forward pass
 
     def _step(self) -> int:
         steps = _checkpoint_steps(self.workdir)
