@@ -249,3 +249,24 @@ def test_a_column_whose_scorer_inputs_changed_is_stale(own_store, tmp_path):
     (run / "config.json").write_text('{"seed": 2}')  # another reference model
     with pytest.raises(columns_lib.ColumnError, match="stale: the inputs of scorer 'model'"):
         policies.summaries(c)
+
+
+def test_resuming_over_rescored_columns_is_refused(own_store):
+    p = own_store.prepared("code")
+    n = int(p.manifest["records"])
+    columns_lib.write(p, "resume", {}, {}, {"resume": np.arange(n, dtype=np.float32)})
+
+    def stream():
+        sel = {"code": views.parse_selection("code", {"score": "resume", "policy": "top",
+                                                      "fraction": 0.5})}
+        return stream_lib.MixtureStream(["code"], objectives.get_objective("causal"),
+                                        weights.constant({"code": 1.0}), 64, 4, seed=0,
+                                        catalog=own_store, selection=sel)
+
+    state = stream().state_dict(3)
+    assert set(state["columns"]) == {"code"}
+    stream().load_state(state)
+    columns_lib.write(p, "resume", {}, {}, {"resume": -np.arange(n, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"score columns that select or order the documents of "
+                                         r"domain\(s\) \['code'\] changed since step 3"):
+        stream().load_state(state)

@@ -115,6 +115,7 @@ class MixtureStream:
             for v in self._sources(k):
                 if v is not None:
                     self._view_chunks(k, v, 0)
+        self.column_fingerprints = self._column_fingerprints()
         self.selection_summaries = [self._selection_summary(k) for k in range(len(self.names))
                                     if self._selection[k] is not None]
         if process_index == 0:
@@ -201,7 +202,9 @@ class MixtureStream:
         holds the weights log, the source's state and the observations not yet handed to it."""
         return {"step": int(step), "rows_consumed": self.rows_consumed(step).tolist(),
                 "domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size,
-                "fingerprints": dict(self.fingerprints), **self.log.state_dict(step)}
+                "fingerprints": dict(self.fingerprints), **self.log.state_dict(step),
+                **({"columns": dict(self.column_fingerprints)} if self.column_fingerprints
+                   else {})}
 
     def check_state(self, state: Mapping) -> None:
         """Raises ValueError if a saved data position disagrees with this stream's config. With
@@ -216,6 +219,15 @@ class MixtureStream:
                 "resuming would train on other documents than the run's. Restore the original "
                 "files (with their modification times, as `cp -p` does), or train into a new "
                 "workdir")
+        saved_columns = state.get("columns") or {}
+        changed = [d for d, fp in saved_columns.items()
+                   if self.column_fingerprints.get(d, fp) != fp]
+        if changed:
+            raise ValueError(
+                f"the score columns that select or order the documents of domain(s) {changed} "
+                f"changed since step {state['step']} was saved (they were scored again): "
+                "resuming would train on other documents than the run's. Restore the columns "
+                "the run used, or train into a new workdir")
         mine = {"domains": list(self.names), "seed": self.seed, "batch_size": self.batch_size}
         if not self.log.adaptive or self.log.length >= int(state["step"]):
             mine["rows_consumed"] = self.rows_consumed(int(state["step"])).tolist()
@@ -245,6 +257,23 @@ class MixtureStream:
         """View v (None: the default) of domain k within the domain's selection."""
         sel = self._selection[k]
         return v if sel is None else dataclasses.replace(v or views.DEFAULT_VIEW, selection=sel)
+
+    def _column_fingerprints(self) -> dict[str, str]:
+        """Per domain whose views read score columns: a hash of their values, saved with the
+        data position (columns scored again would draw other documents)."""
+        out = {}
+        for k, name in enumerate(self.names):
+            cols = sorted({c for v in self._sources(k) if v is not None
+                           for c in views.columns_read(v)})
+            if not cols:
+                continue
+            h = hashlib.sha256()
+            for c in cols:
+                values = views.load_column(self.domain_names[k], c, self.scores_dir,
+                                           catalog=self.catalog)
+                h.update(c.encode() + b"\0" + np.ascontiguousarray(values).tobytes())
+            out[name] = h.hexdigest()[:16]
+        return out
 
     def _selection_summary(self, k: int) -> dict:
         sel = self._selection[k]

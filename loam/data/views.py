@@ -294,6 +294,17 @@ class View:
 DEFAULT_VIEW = View()
 
 
+def columns_read(view: View) -> list[str]:
+    """The score columns a view reads (its selection's, its order's and its keep's)."""
+    out = []
+    if view.selection is not None:
+        e = view.selection.entry
+        out += [e["score"]] if isinstance(e["score"], str) else list(e["score"])
+        out += [e["repeat"]] if "repeat" in e else []
+    out += [c for c in (view.order_column, view.keep_column) if c]
+    return out
+
+
 def select_chunks(view: View, domain: str, chunk_doc: np.ndarray, doc_index: np.ndarray,
                   scores_dir=None, corpus_dir=None, catalog: catalog_lib.Catalog | None = None,
                   lengths: np.ndarray | None = None) -> np.ndarray:
