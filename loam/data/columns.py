@@ -13,8 +13,9 @@ on an object store, in ``columns/``::
                                 ``inputs()`` fingerprints, counts (written after its columns)
     columns/<scorer>.report.json  the scorer's summary of its columns, if it gives one
 
-Each file is written whole or not at all (``prepare``'s atomic writes), and only after the whole
-scoring run succeeded: a failed run leaves the columns it would have replaced as they were.
+Each file is written whole or not at all (``prepare``'s atomic writes), and a domain's files only
+once every value of the domain is in: a run that fails leaves the columns it would have replaced
+as they were.
 
 The bundled corpora ship precomputed columns (``loam/data/bundled/<name>.scores.npz``, indexed by
 position in the corpus file, which is the global index of a bundled domain, with the corpus's
