@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 from loam import paths
@@ -212,13 +213,16 @@ class _StagedEvents:
 class MetricWriter:
     """Appends one JSON line per record and mirrors every scalar into TensorBoard.
 
-    `subdir` separates event files (e.g. "eval") so that TensorBoard shows them as runs.
+    `subdir` separates event files (e.g. "eval") so that TensorBoard shows them as runs;
+    `listeners` are called with (step, record) after each record is written (another sink of
+    the same records, e.g. Weights & Biases).
     """
 
     def __init__(self, workdir: paths.PathLike, subdir: str = "train",
                  jsonl: str = "metrics.jsonl", enabled: bool = True):
         self.enabled = enabled
         self.workdir = paths.Path(workdir)
+        self.listeners: list[Callable[[int, dict], None]] = []
         if not enabled:
             return
         self.local = paths.is_local(self.workdir)
@@ -245,6 +249,8 @@ class MetricWriter:
                                            summary=summary_pb2.Summary(value=values)))
         if not self.local and time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
+        for listener in self.listeners:
+            listener(int(step), record)
 
     def flush(self):
         """Makes every record written so far durable (on an object store: uploads them)."""

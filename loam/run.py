@@ -169,7 +169,9 @@ ADDED_LATER = {"mixing": {"method": "static"},
                "data.tokenizer": "bundled",
                "evals": [],
                "profile_steps": [],
-               "data.selection": {}}
+               "data.selection": {},
+               "wandb": {"project": "", "entity": "", "name": "", "group": "", "mode": "",
+                         "dir": ""}}
 
 
 def with_added_later(config: dict) -> dict:

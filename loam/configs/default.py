@@ -157,6 +157,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Update numbers (1-based, as in metrics.jsonl) to trace with the JAX profiler, e.g. [5, 6]:
     # a trace from the first to the last in DIR/tensorboard/plugins/profile. Empty: none.
     c.profile_steps = []
+    # Weights & Biases (the [wandb] extra): off while project is empty; mode online | offline |
+    # disabled (empty: W&B's default); dir empty: $WANDB_DIR or the run directory
+    # (loam/wandb_logging.py).
+    c.wandb = ml_collections.ConfigDict(
+        {"project": "", "entity": "", "name": "", "group": "", "mode": "", "dir": ""})
 
     if a.runlocal:  # size, steps, seq_len and batch_size come from RUNLOCAL (explicit args win)
         c.optim.warmup_steps = 5
