@@ -40,8 +40,14 @@ from loam.cli import UserError, one_line
 log = logging.getLogger("loam")
 
 DAMAGED_DIR = "damaged"
-_MISMATCH_FIX = ("train into a new workdir, or start from it with init.checkpoint once "
-                 "continual pretraining lands")
+# The fix a mismatch names. Resuming needs the model and optimizer the run was saved with; a
+# different one (a larger model, another optimizer) is a new run, which may start from this
+# checkpoint with init.checkpoint (init.carry=params takes the parameters alone; a different
+# shape is refused there, naming the field).
+_MISMATCH_FIX = ("to resume this run, restore the model and optimizer settings it was saved "
+                 "with; to train a different one from it, use a new workdir with "
+                 "--config.init.checkpoint={run}:{step} (--config.init.carry=params if the "
+                 "optimizer differs)")
 
 
 class CheckpointError(UserError):
@@ -240,7 +246,8 @@ class Checkpointer:
             more = f" (and {n} more difference{'s' if n > 1 else ''})" if n else ""
             raise CheckpointMismatch(
                 f"checkpoint {step} in {self.directory} was saved by a different model or "
-                f"optimizer: {problems[0]}{more}. Nothing was changed; {_MISMATCH_FIX}")
+                f"optimizer: {problems[0]}{more}. Nothing was changed; "
+                + _MISMATCH_FIX.format(run=self.directory.parent, step=step))
 
     def _restore(self, step: int, abstract_state):
         self.check_fits(step, abstract_state)

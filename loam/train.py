@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from loam import checkpoint as ckpt_lib
-from loam import cli, paths, perf
+from loam import cli, paths, perf, wandb_logging
 from loam import eval as eval_lib
 from loam import hooks as hooks_lib
 from loam import metrics as metrics_lib
@@ -92,6 +92,34 @@ def _check_resume(config, workdir: paths.epath.Path) -> None:
     problem = run_lib.resume_mismatch(saved, config)
     if problem:
         raise TrainingError(f"cannot resume {workdir}: {problem}")
+    _check_lr_edit(saved, config, workdir)
+
+
+# What moves an infinite schedule's learning rates, for naming an edit of the past.
+_LR_FIELDS = ("optim.anneal_start", "optim.cooldown_steps", "optim.warmup_steps", "optim.lr",
+              "optim.constant_lr_fraction", "optim.final_lr_fraction", "steps")
+
+
+def _check_lr_edit(saved, config, workdir: paths.epath.Path) -> None:
+    """An infinite schedule promises that only its future may be edited (a later anneal, more
+    steps): a resume whose config changes the learning rate of an update the newest checkpoint
+    has already taken (an anneal start or cooldown end moved before it) is refused."""
+    if saved.optim.get("schedule") != "infinite" or config.optim.schedule != "infinite":
+        return
+    step = max(int(p.name) for p in paths.iterdir(workdir / "checkpoints") if p.name.isdigit())
+    before = np.asarray(run_lib.lr_schedule(saved)(np.arange(step)))
+    after = np.asarray(run_lib.lr_schedule(config)(np.arange(step)))
+    changed = np.flatnonzero(~np.isclose(before, after, rtol=1e-6, atol=0.0))
+    if changed.size == 0:
+        return
+    edits = ", ".join(f"{f} {run_lib._get(saved, f)} -> {run_lib._get(config, f)}"
+                      for f in _LR_FIELDS if run_lib._get(saved, f) != run_lib._get(config, f))
+    raise TrainingError(
+        f"cannot resume {workdir}: the edited infinite schedule ({edits}) changes the learning "
+        f"rate of update {int(changed[0])}, before the checkpoint's step {step}; a resumed run "
+        f"may only edit the schedule's future: keep optim.anneal_start 0 or >= {step} and the "
+        "warmup and cooldown as they were, or branch an anneal into a new workdir "
+        "(loam/configs/anneal.py:from=DIR:STEP,steps=N)")
 
 
 def train(config, workdir: paths.PathLike) -> dict | None:
@@ -100,6 +128,7 @@ def train(config, workdir: paths.PathLike) -> dict | None:
     preemption = Preemption()
     try:
         config, notes = run_lib.resolve_config(config)
+        wandb_logging.check(config)  # on, but wandb not installed: refused here
         # A store orbax cannot write checkpoints to is refused before anything is created.
         ckpt_lib.check_directory(workdir)
         # A start from another run (config.init) is checked against it here, before anything
@@ -258,6 +287,8 @@ def _loop(config, workdir, model, mesh, stream, state, shardings, optimizer, che
                                (config.data.get("replay") or {}).get("domains") or [],
                                enabled=is_main)
         if config.get("eval_dense") and int(config.eval_dense.until) > 0 else None,
+        wandb_logging.WandbLogger(config, workdir, writer)
+        if is_main and wandb_logging.enabled(config) else None,
     ])
     hooks.on_restore(start, hook_state)
     if schedule_change and is_main:

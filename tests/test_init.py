@@ -269,3 +269,58 @@ def test_bad_init_is_one_line_and_writes_nothing(source, tmp_path):
         assert message in str(e.value), str(e.value)
         assert "\n" not in str(e.value)
         assert not out.exists(), message
+
+
+def test_resume_may_edit_only_the_future_of_an_infinite_schedule(source, tmp_path):
+    """The source (infinite, warmup 2, no cooldown, no anneal) saved step 12. A resume may add
+    steps and an anneal from step 12 on; an anneal start or a cooldown end moved before 12 would
+    change updates already taken: refused in one line, nothing written."""
+    run = tmp_path / "resume"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(source / "checkpoints")
+    (run / "config.json").write_text((source / "config.json").read_text())
+    def unchanged():  # all but the lock file train() takes
+        return {k: v for k, v in _snapshot(run).items() if k != ".lock"}
+
+    before = unchanged()
+
+    def edited(**optim):
+        config = run_lib.read_config(run)
+        config.steps = 20
+        config.optim.update(optim)
+        return config
+
+    train_lib._check_resume(edited(anneal_start=12), run)  # the future: allowed
+    # (an anneal from 6 changes update 7 on: at update 6 it is still at the constant level)
+    train_lib._check_resume(edited(anneal_start=16, final_lr_fraction=0.0), run)
+    for optim, edit, update in (({"anneal_start": 6}, "optim.anneal_start 0 -> 6", 7),
+                                ({"cooldown_steps": 8}, "optim.cooldown_steps 0 -> 8", 2)):
+        with pytest.raises(train_lib.TrainingError) as e:
+            train_lib.train(edited(**optim), run)
+        message = str(e.value)
+        assert "\n" not in message and edit in message, message
+        assert f"changes the learning rate of update {update}, before the checkpoint's step 12" \
+            in message, message
+        assert "anneal_start 0 or >= 12" in message
+        assert unchanged() == before
+
+
+def test_a_checkpoint_of_another_model_names_both_fixes(source):
+    """Restoring the source's checkpoint into another model's state: nothing restored, and the
+    message says how to resume (the saved settings) and how to start a new run from it."""
+    config = run_lib.read_config(source)
+    config.model.size = "micro"
+    mesh = run_lib.build_mesh(config, devices=jax.devices()[:1])
+    abstract, _ = step_lib.abstract_state(run_lib.build_model(config),
+                                          run_lib.build_optimizer(config), mesh,
+                                          config.data.seq_len)
+    from loam import checkpoint as ckpt_lib
+    checkpointer = ckpt_lib.Checkpointer(source / "checkpoints", async_save=False)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointMismatch) as e:
+            checkpointer.restore(12, abstract)
+    finally:
+        checkpointer.close()
+    message = str(e.value)
+    assert "restore the model and optimizer settings it was saved with" in message
+    assert f"--config.init.checkpoint={source}:12" in message and "\n" not in message
