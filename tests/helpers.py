@@ -56,3 +56,36 @@ def rewind(workdir, step):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     (workdir / "metrics.jsonl").write_text(
         "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+
+
+def run_scorer(scorer, docs, out_dir, workers: int = 1, **options) -> dict:
+    """{(domain, index): columns} of a selection scorer's Beam transform over Doc records, run by
+    the DirectRunner (``workers`` > 1: that many worker processes); ``options`` go to Beam's
+    PipelineOptions."""
+    import apache_beam as beam  # noqa: PLC0415  (only the selection tests need Beam)
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
+
+    flags = ([f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+             if workers > 1 else [])
+    prefix = str(Path(out_dir) / "scored")
+    with beam.Pipeline(options=PipelineOptions(flags=flags, **options)) as p:
+        (scorer.expand(p | beam.Create(docs))
+         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
+         | beam.io.WriteToText(prefix))
+    out = {}
+    for f in Path(out_dir).glob("scored*"):
+        for line in f.read_text().splitlines():
+            domain, index, cols = json.loads(line)
+            out[domain, index] = cols
+    return out
+
+
+def corpus_docs(domain: str, n: int, start: int = 0) -> list:
+    """Doc records of a bundled corpus's documents start..start+n (indices are their corpus
+    positions; tokens: words + 1, a stand-in where no tokenizer is involved)."""
+    from loam.data import corpora  # noqa: PLC0415
+    from loam.selection.base import Doc  # noqa: PLC0415
+
+    docs = list(corpora.read_documents(corpora.corpus_path(domain)))[start:start + n]
+    return [Doc(domain, i, doc_id, "validation" if corpora.is_validation(doc_id) else "train",
+                text, len(text.split()) + 1) for i, (doc_id, text) in enumerate(docs, start)]

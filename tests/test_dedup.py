@@ -4,31 +4,14 @@ injected duplicates; survivors the same on one and two workers; bad parameters r
 import json
 import random
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from loam.data import corpora
 from loam.selection import dedup
 from loam.selection.base import Doc, ScorerError, make
 
-
-def run_scorer(scorer, docs, out_dir, workers=1):
-    """{(domain, index): columns} from Beam's DirectRunner with `workers` worker processes."""
-    prefix = str(out_dir / "scored")
-    flags = ([f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-             if workers > 1 else [])
-    with beam.Pipeline(options=PipelineOptions(flags=flags)) as p:
-        (scorer.expand(p | beam.Create(docs))
-         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
-         | beam.io.WriteToText(prefix))
-    out = {}
-    for f in out_dir.glob("scored*"):
-        for line in f.read_text().splitlines():
-            domain, index, cols = json.loads(line)
-            out[domain, index] = cols
-    return out
+from helpers import run_scorer
 
 
 def edit(text, k, tag="edit", offset=0.0):

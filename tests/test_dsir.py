@@ -8,35 +8,14 @@ import os
 import subprocess
 import sys
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from loam.data import corpora
 from loam.selection import dsir
 from loam.selection.base import Doc, ScorerError
 
-
-def run_scorer(scorer, docs, out_dir, **options):
-    """{(domain, index): columns} of a scorer run over Doc records by Beam's DirectRunner."""
-    prefix = str(out_dir / "scored")
-    with beam.Pipeline(options=PipelineOptions(flags=[], **options)) as p:
-        (scorer.expand(p | beam.Create(docs))
-         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
-         | beam.io.WriteToText(prefix))
-    out = {}
-    for f in out_dir.glob("scored*"):
-        for line in f.read_text().splitlines():
-            domain, index, cols = json.loads(line)
-            out[domain, index] = cols
-    return out
-
-
-def corpus_docs(domain, n, start=0):
-    docs = list(corpora.read_documents(corpora.corpus_path(domain)))[start:start + n]
-    return [Doc(domain, i, doc_id, "validation" if corpora.is_validation(doc_id) else "train",
-                text, len(text.split()) + 1) for i, (doc_id, text) in enumerate(docs, start)]
+from helpers import corpus_docs, run_scorer
 
 
 def write_jsonl(path, records):

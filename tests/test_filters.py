@@ -1,20 +1,18 @@
 """Heuristic filters: each rule just either side of its published threshold, the scorer as a Beam
 transform over the bundled corpora, and the report's drop counts."""
 
-import json
 import math
 import string
 from fractions import Fraction
 from itertools import product
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from loam.data import corpora
 from loam.selection import filters
 from loam.selection.base import Doc, ScorerError, make
+
+from helpers import corpus_docs, run_scorer
 
 # Distinct four-letter lower-case tokens: no n-gram of them ever repeats.
 _FILLER = ["".join(t) for t in product(string.ascii_lowercase[:10], repeat=4)]
@@ -249,24 +247,6 @@ def test_rule_selection_and_errors():
         make("filters", {"fineweb_dup_line_chars": 2})
 
 
-def run_scorer(scorer, docs, out_dir):
-    prefix = str(out_dir / "scored")
-    with beam.Pipeline(options=PipelineOptions(flags=[])) as p:
-        (scorer.expand(p | beam.Create(docs))
-         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
-         | beam.io.WriteToText(prefix))
-    out = {}
-    for f in out_dir.glob("scored*"):
-        for line in f.read_text().splitlines():
-            domain, index, cols = json.loads(line)
-            out[domain, index] = cols
-    return out
-
-
-def corpus_docs(domain, n):
-    docs = list(corpora.read_documents(corpora.corpus_path(domain)))[:n]
-    return [Doc(domain, i, doc_id, "train", text, len(text.split()) + 1)
-            for i, (doc_id, text) in enumerate(docs)]
 
 
 def test_beam_scorer_on_the_corpora(tmp_path):

@@ -3,12 +3,10 @@ and pairwise judgments generated from that checkpoint's losses."""
 
 import json
 
-import apache_beam as beam
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from loam import run as run_lib
 from loam.data import corpora
@@ -16,21 +14,10 @@ from loam.data import vocab as vocab_lib
 from loam.selection import perplexity, ratings
 from loam.selection.base import Doc, ScorerError
 
+from helpers import run_scorer
+
 pytestmark = pytest.mark.e2e
 
-
-def run_scorer(scorer, docs, out_dir):
-    prefix = str(out_dir / "scored")
-    with beam.Pipeline(options=PipelineOptions(flags=[])) as p:
-        (scorer.expand(p | beam.Create(docs))
-         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
-         | beam.io.WriteToText(prefix))
-    out = {}
-    for f in out_dir.glob("scored*"):
-        for line in f.read_text().splitlines():
-            domain, index, cols = json.loads(line)
-            out[domain, index] = cols
-    return out
 
 
 def direct_loss(params, model, ids, seq_len):

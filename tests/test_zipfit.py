@@ -3,28 +3,14 @@
 import gzip
 import json
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from loam.data import corpora
 from loam.selection import zipfit
 from loam.selection.base import Doc, ScorerError
 
-
-def run_scorer(scorer, docs, out_dir):
-    prefix = str(out_dir / "scored")
-    with beam.Pipeline(options=PipelineOptions(flags=[])) as p:
-        (scorer.expand(p | beam.Create(docs))
-         | beam.Map(lambda s: json.dumps([s[0], s[1], s[2]]))
-         | beam.io.WriteToText(prefix))
-    out = {}
-    for f in out_dir.glob("scored*"):
-        for line in f.read_text().splitlines():
-            domain, index, cols = json.loads(line)
-            out[domain, index] = cols
-    return out
+from helpers import run_scorer
 
 
 def C(s: str) -> int:
