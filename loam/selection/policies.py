@@ -68,6 +68,7 @@ def current_inputs(catalog, domain: str, column_names) -> dict[str, dict]:
             scorer = base.make(m["scorer"], m.get("params") or {})
         except base.ScorerError:
             continue  # a scorer this installation does not have: its columns are taken as is
+        scorer.check(catalog)  # resolves a target named by a domain in this run's catalog
         out[m["scorer"]] = scorer.inputs()
     return out
 
