@@ -60,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.n_heads = 0
     c.model.n_kv_heads = 0
     c.model.mlp_dim = 0
-    c.model.remat = False
+    c.model.remat = False  # True: recompute each layer in the backward pass (less memory)
     c.model.tied_embeddings = False
+    # Compute type. "bfloat16": mixed precision, i.e. bfloat16 matmuls and activations on
+    # float32 weights and optimizer state, float32 norms, softmax, logits and loss.
     c.model.dtype = "float32"
 
     c.data = ml_collections.ConfigDict()

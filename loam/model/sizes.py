@@ -24,6 +24,8 @@ _SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "base": (768, 12, 12, 12, 2048, 2048),     # ~85M
     "large": (1024, 24, 16, 16, 2816, 2048),   # ~308M
     "1b": (2048, 16, 32, 8, 8192, 2048),       # ~0.97B, grouped-query (4 query heads per kv)
+    # Llama-3-8B's shape: ~6.98B non-embedding; with its 128256-id vocabulary, untied, 8.03B.
+    "8b": (4096, 32, 32, 8, 14336, 8192),
     # A reference point shared with GPT-style peers (vocab 16384, 6x384, 6 heads, MLP 4x, context
     # 256). Their MLP is two d x 4d matrices; the parameter- and FLOP-matched SwiGLU has three
     # d x 8d/3 ones, so the counts equal a bias-free GPT's without its position table:

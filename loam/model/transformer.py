@@ -7,6 +7,11 @@ the model is laid out on a mesh. Constraints are no-ops unless rules and a mesh 
 Packed batches: attention is restricted to the same nonzero segment (causal, plus a bidirectional
 prefix where ``prefix == 1``) and rotary angles come from the ``positions`` feature, so an example
 packed after another sees exactly what it would see alone.
+
+Mixed precision is the config's ``dtype`` (compute) against ``param_dtype`` (stored weights):
+with dtype="bfloat16" the matmuls and activations run in bfloat16 on float32 weights (so
+gradients and optimizer moments stay float32), while norms, softmax, rotary angles and the
+logits are computed in float32; the loss is taken from float32 logits (``loam.step``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+FLOAT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +40,15 @@ class ModelConfig:
     max_len: int = 1024  # longest sequence the model accepts (rotary has no table to outgrow)
     tied_embeddings: bool = True
     remat: bool = False
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype: "float32", or "bfloat16" for mixed precision
+    param_dtype: str = "float32"  # stored (master) weights
     rope_theta: float = 10_000.0
 
     def __post_init__(self):
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in FLOAT_DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not a supported float "
+                                 f"type; choose one of {', '.join(FLOAT_DTYPES)}")
         # Resolve the None defaults in place, so the fields (and repr, equality, hash) hold the
         # numbers the model uses; code that needs an int reads kv_heads / head_size.
         if self.head_dim is None and self.d_model % self.n_heads:
@@ -75,10 +85,13 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, names)
 
 
-def project(x_NxI: Array, w: Array, dtype) -> Array:
+def project(x_NxI: Array, w: Array, dtype, out_dtype=None) -> Array:
     """x @ w with w flattened to 2-D [I, O]: token-major 2-D matmuls (and their transposes in
-    the backward pass) run ~1.5x faster on XLA:CPU than the equivalent 3-D einsums."""
-    return jnp.dot(x_NxI, w.reshape(x_NxI.shape[-1], -1).astype(dtype))
+    the backward pass) run ~1.5x faster on XLA:CPU than the equivalent 3-D einsums.
+    ``out_dtype`` (e.g. float32 logits from bfloat16 operands) is the accumulation and result
+    type; None: ``dtype``."""
+    return jnp.dot(x_NxI, w.reshape(x_NxI.shape[-1], -1).astype(dtype),
+                   preferred_element_type=out_dtype)
 
 
 def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig) -> Array:
@@ -272,13 +285,16 @@ class Transformer(nn.Module):
 
         dt = cfg.compute_dtype
         x_NxD = x_BxLxD.reshape(b * length, cfg.d_model)
+        # Logits in float32 whatever the compute type: bfloat16's 8-bit mantissa would round
+        # the logsumexp of the loss and the differences between nearby logits.
         if cfg.tied_embeddings:
             logits_NxV = jax.lax.dot_general(x_NxD, embedding_VxD.astype(dt),
-                                             (((1,), (1,)), ((), ())))
+                                             (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
         else:
             unembed_DxV = _param(self, "unembed", _fan_in_init(0, 1),
                                  (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-            logits_NxV = project(x_NxD, unembed_DxV, dt)
+            logits_NxV = project(x_NxD, unembed_DxV, dt, jnp.float32)
         logits_BxLxV = logits_NxV.reshape(b, length, cfg.vocab_size)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
