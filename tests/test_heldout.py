@@ -51,10 +51,8 @@ def _run(*cmd):
 
 
 @pytest.mark.e2e
-def test_model_scorer_writes_a_finite_column(tmp_path):
-    run, out = tmp_path / "run", tmp_path / "scores"
-    _run("loam.train", f"--config={ROOT / 'loam/configs/default.py'}:runlocal",
-         f"--workdir={run}")
+def test_model_scorer_writes_a_finite_column(tmp_path, reference_run):
+    run, out = reference_run, tmp_path / "scores"
     proc = _run("loam.selection.score", "--scorer", "model", f"--workdir={run}",
                 "--column", "ref_loss", "--domains", "docs", f"--out={out}")
     assert "ref_loss mean" in proc.stdout

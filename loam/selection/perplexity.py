@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from loam.selection.base import Scorer, ScorerError, register
+from loam.selection.base import Doc, PerDocument, Scorer, ScorerError, register
 
 TERCILE_PERCENTILES = (33.0, 66.0)
 
@@ -213,3 +213,47 @@ class Perplexity(Scorer):
                            enumerate(("head", "middle", "tail"))},
                 "mean_loss": float(loss[ok].mean()),
                 "cuts_ppl": [float(x) for x in np.exp(tercile_cuts(loss[ok]))]}
+
+
+@register
+@dataclasses.dataclass
+class Model(PerDocument):
+    """``--scorer model``: the perplexity scorer's mean loss (nats/token, EOS included) alone,
+    into a column named by ``column`` (``ref_loss`` by default), without terciles; NaN for an
+    empty text. The checkpoint is loaded once per worker, on its first document."""
+    name = "model"
+    columns = ("ref_loss",)
+    workdir: str = ""
+    step: int = -1        # -1: the newest checkpoint
+    column: str = "ref_loss"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        self.columns = (self.column,)
+        self._loss: DocumentLoss | None = None
+
+    def __getstate__(self):  # the loaded model stays on the worker that loaded it
+        return {k: v for k, v in self.__dict__.items() if k != "_loss"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._loss = None
+
+    def _reference(self) -> Perplexity:
+        if not self.workdir:
+            raise ScorerError("--scorer model needs --param workdir=RUN (a trained loam run)")
+        return Perplexity(workdir=self.workdir, step=self.step, batch_size=self.batch_size)
+
+    def check(self, catalog) -> None:
+        self._reference().check(catalog)
+
+    def inputs(self) -> dict[str, str]:
+        """The run and step, and its config.json's sha256."""
+        return self._reference().inputs()
+
+    def score(self, doc: Doc) -> dict[str, float]:
+        if not doc.text:
+            return {self.column: float("nan")}
+        if self._loss is None:
+            self._loss = DocumentLoss(self.workdir, self._reference()._step(), self.batch_size)
+        return {self.column: self._loss.loss(doc.text)[0]}
