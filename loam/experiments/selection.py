@@ -46,6 +46,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ BUDGET_METHODS = ("random", "heuristic", "filters", "dedup", "perplexity", "rati
 TARGET_METHODS = ("random", "heuristic", "dsir", "zipfit", "color")
 METHODS = tuple(dict.fromkeys(BUDGET_METHODS + TARGET_METHODS))
 
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     # the test's: seconds of training, a handful of documents per domain
     "tiny": dict(model="nano", domain_tokens=3000, val_tokens=400, steps=2, seq_len=32,
                  batch_size=8, eval_tokens=256, reference_steps=4, finetune_steps=2, seeds=2),
@@ -90,11 +91,12 @@ def write_corpus(out: Path, domain_tokens: int, val_tokens: int) -> dict:
     each document where the bundled corpus has it): {domain: {split: [documents, tokens]}}."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = vocab_lib.get_tokenizer("bundled")
-    stats = {}
+    stats: dict[str, dict[str, list[int]]] = {}
     for domain in corpora.DOMAIN_NAMES:
         docs = [d for d in corpora.read_documents(corpora.corpus_path(domain)) if d[1].strip()]
         docs.sort(key=lambda d: _hash_order(d[0]))
-        kept, stats[domain] = [], {}
+        kept: list[tuple[str, str]] = []
+        stats[domain] = {}
         for split, budget in (("train", domain_tokens), ("validation", val_tokens)):
             total = n = 0
             for doc_id, text in docs:
@@ -238,7 +240,7 @@ def score_all(catalog, workdir: Path, methods, s: dict, target: str, reference: 
 # Budget comparison: each domain's entry of config.data.selection, with its token budget.
 # A weight of 1000 on a 0/1 column's z-score puts every passing document before any other; the
 # random column (z-scored, |z| < 2) orders the documents within each group.
-BUDGET_ENTRIES = {
+BUDGET_ENTRIES: dict[str, dict[str, Any]] = {
     "random": {"score": "random", "policy": "top"},
     "heuristic": {"score": "quality", "policy": "top"},
     "filters": {"score": {"filters_pass": 1000.0, "random": 1.0}, "policy": "top"},
@@ -296,8 +298,10 @@ def check_pooled(catalog, method: str, budgets: dict[str, int]) -> None:
         docs, lens = train_split(catalog, d)
         sel = views.parse_selection(d, {"score": TARGET_COLUMNS[method], "policy": "top",
                                         "tokens": tokens})
-        copies = views.select_documents(sel, d, docs, lens,
-                                        lambda c, d=d: columns_lib.load(catalog, d, c))
+        def column(name: str, d: str = d) -> np.ndarray:
+            return columns_lib.load(catalog, d, name)
+
+        copies = views.select_documents(sel, d, docs, lens, column)
         got = int((lens * copies).sum())
         if got != tokens:
             raise RuntimeError(f"{method}: the selection of {d} has {got} tokens, the pooled "
