@@ -508,7 +508,8 @@ def plots(workdir: Path, summary: dict, curves: dict, cmr: dict | None,
         ax.set_ylabel("general (old-domain) loss − start")
         title = f"CMR observed {cmr['observed_cmr']:.3f}"
         if law is not None:
-            title += f", predicted {cmr['predicted_cmr_budget_law']:.3f}"
+            title += (f", predicted {cmr['predicted_cmr_budget_law']:.3f} (R(T)), "
+                      f"{cmr['predicted_cmr_loss_law']:.3f} (loss law)")
         ax.set_title(title)
         ax.legend(fontsize=7)
         fig.tight_layout()
