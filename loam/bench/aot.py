@@ -168,15 +168,26 @@ def abstract_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeSt
             for k, dt in dtypes.items()}
 
 
-def compile_step(cfg: ModelConfig, mesh, seq_len: int, batch: int):
-    """The train step lowered with abstract sharded inputs and compiled for the mesh's devices."""
+def lower_step(cfg: ModelConfig, mesh, seq_len: int, batch: int):
+    """The train step lowered with abstract sharded inputs: (lowered, the inputs)."""
     model = Transformer(cfg)
     optimizer = st.make_optimizer(st.lr_schedule("cosine", 3e-4, 10_000, 100))
     state, shardings = st.abstract_state(model, optimizer, mesh, seq_len)
     step = st.make_train_step(model, optimizer, mesh, shardings, NUM_DOMAINS, z_loss=1e-4)
+    inputs = (state, abstract_batch(mesh, batch, seq_len))
     with shd.activate(mesh):
-        lowered = step.jitted.lower(state, abstract_batch(mesh, batch, seq_len))
-    return lowered.compile()
+        return step.jitted.lower(*inputs), inputs
+
+
+def compile_step(cfg: ModelConfig, mesh, seq_len: int, batch: int):
+    """The train step compiled for the mesh's devices, from abstract inputs only."""
+    return lower_step(cfg, mesh, seq_len, batch)[0].compile()
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree_util.tree_leaves(tree))
 
 
 def memory(compiled) -> dict[str, int]:
@@ -207,24 +218,36 @@ def collectives(hlo_text: str) -> dict[str, int]:
     return counts
 
 
-_MEMORY_ERROR = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# The TPU compiler's refusals: "Used 98.5G of 15.75G hbm" or "the total memory required for HLO
+# temporaries (20.38G) exceeds available HBM (15.75G)".
+_USED_OF = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                          r"\(([\d.]+)([KMGT]?)\)")
 
 
 def _bytes(number: str, unit: str) -> int:
     return int(float(number) * 1024 ** " KMGT".index(unit or " "))
 
 
-def _out_of_memory(error: Exception) -> dict | None:
-    """The TPU compiler refuses a program that exceeds HBM: what it used and had, if stated."""
+def _out_of_memory(error: Exception, argument_bytes: int) -> dict | None:
+    """What the TPU compiler's out-of-memory refusal says, or None for any other error.
+
+    per_device_bytes is then the compiler's total when it states one, else the arguments'
+    bytes (exact, from their shardings) plus the temporaries it reports: a lower bound."""
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
-    found = _MEMORY_ERROR.search(text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    out: dict[str, Any] = {"compile_error": " ".join(lines[:3])[:600]}
-    if found:
-        out["used_bytes"] = _bytes(found.group(1), found.group(2))
-        out["available_bytes"] = _bytes(found.group(3), found.group(4))
+    out: dict[str, Any] = {"compile_error": " ".join(lines[:3])[:600],
+                           "per_device_bytes": None, "arguments_bytes": argument_bytes}
+    if found := _USED_OF.search(text):
+        out["per_device_bytes"] = _bytes(found.group(1), found.group(2))
+        out["compiler_available_bytes"] = _bytes(found.group(3), found.group(4))
+    elif found := _TEMPORARIES.search(text):
+        out["temporaries_bytes"] = _bytes(found.group(1), found.group(2))
+        out["per_device_bytes"] = argument_bytes + out["temporaries_bytes"]
+        out["per_device_bytes_is_lower_bound"] = True
+        out["compiler_available_bytes"] = _bytes(found.group(3), found.group(4))
     return out
 
 
@@ -275,13 +298,14 @@ def run_layout(cfg: ModelConfig, size: str, topology: Topology, backend: str, la
         "model_flops_per_step": sizes.flops_per_token(cfg, seq_len) * batch * seq_len,
     }
     run["model_flops_per_device"] = run["model_flops_per_step"] / len(devices)
+    lowered, inputs = lower_step(cfg, mesh, seq_len, batch)
     try:
-        compiled = compile_step(cfg, mesh, seq_len, batch)
+        compiled = lowered.compile()
     except Exception as e:
-        oom = _out_of_memory(e)
+        oom = _out_of_memory(e, shard_bytes(inputs))
         if oom is None:
             raise
-        run.update(oom, per_device_bytes=oom.get("used_bytes"), fits=False)
+        run.update(oom, fits=False)
         return run
     mem = memory(compiled)
     run.update(memory=mem, per_device_bytes=mem["total"], fits=mem["total"] <= device_memory,
@@ -299,8 +323,9 @@ def compile_seconds(cfg: ModelConfig, mesh, seq_len: int, batch: int) -> float:
 def _summary(run: dict) -> str:
     if "memory" not in run:
         used = run.get("per_device_bytes")
+        at_least = "at least " if run.get("per_device_bytes_is_lower_bound") else ""
         return (f"{run['size']} {run['topology']} {run['layout']} {run['mesh']}: does not fit "
-                f"({'?' if used is None else f'{used / GIB:.2f}'} GiB of "
+                f"({at_least}{'?' if used is None else f'{used / GIB:.2f}'} GiB of "
                 f"{run['device_memory_bytes'] / GIB:.2f}): {run['compile_error'][:160]}")
     m = run["memory"]
     found = ", ".join(f"{k} {v}" for k, v in run["collectives"].items() if v) or "none"
