@@ -23,17 +23,17 @@ FINETUNE_STEPS = 8
 
 
 def _write(path, docs):
-    path.write_text("".join(json.dumps({"id": i, "text": t[:1500]}) + "\n" for i, t in docs))
+    path.write_text("".join(json.dumps({"id": i, "text": t[:600]}) + "\n" for i, t in docs))
 
 
 @pytest.fixture(scope="module")
 def scored(reference_run, tmp_path_factory):
-    """Fine-tunes on 'code_ft' (24 code files), scores 'code' (16 other files) and 'literature'
-    (16 chapters) in one pipeline."""
+    """Fine-tunes on 'code_ft' (the starts of 24 code files), scores 'code' (12 other files)
+    and 'literature' (12 chapters) in one pipeline."""
     root = tmp_path_factory.mktemp("color")
     code = [d for d in corpora.read_documents(corpora.corpus_path("code"))
-            if len(d[1]) > 800][:40]
-    lit = list(corpora.read_documents(corpora.corpus_path("literature")))[:16]
+            if len(d[1]) > 800][:36]
+    lit = list(corpora.read_documents(corpora.corpus_path("literature")))[:12]
     _write(root / "code_ft.jsonl", code[:24])
     _write(root / "code.jsonl", code[24:])
     _write(root / "literature.jsonl", lit)
@@ -91,9 +91,6 @@ def test_the_fine_tuned_run_is_reused(scored):
     assert again.conditional_run() == (cond_dir, step)
     assert ((root / "conditional").stat().st_mtime_ns,
             open(f"{cond_dir}/metrics.jsonl").read()) == stamp
-    # Another fine-tuning length is another conditional model.
-    assert base.make("color_filter", {**scorer.params(), "finetune_steps": 3}
-                     ).conditional_run()[0] != cond_dir
 
 
 def test_bad_inputs(scored, reference_run, tmp_path):

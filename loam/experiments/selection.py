@@ -65,15 +65,17 @@ TARGET_METHODS = ("random", "heuristic", "dsir", "zipfit", "color")
 METHODS = tuple(dict.fromkeys(BUDGET_METHODS + TARGET_METHODS))
 
 SIZES: dict[str, dict[str, Any]] = {
-    # the test's: seconds of training, a handful of documents per domain
-    "tiny": dict(model="nano", domain_tokens=3000, val_tokens=400, steps=2, seq_len=32,
-                 batch_size=8, eval_tokens=256, reference_steps=4, finetune_steps=2, seeds=2),
-    "small": dict(model="nano", domain_tokens=50_000, val_tokens=6000, steps=40, seq_len=64,
+    # the test's: seconds of training, a handful of documents (cut short) per domain
+    "tiny": dict(model="nano", domain_tokens=1500, val_tokens=200, max_chars=1200, steps=2,
+                 seq_len=32, batch_size=8, eval_tokens=256, reference_steps=4,
+                 finetune_steps=2, seeds=2),
+    "small": dict(model="nano", domain_tokens=50_000, val_tokens=6000, max_chars=0, steps=40,
+                  seq_len=64,
                   batch_size=16, eval_tokens=4096, reference_steps=40, finetune_steps=20,
                   seeds=2),
     # about 20 minutes on an idle 2-core machine
-    "default": dict(model="nano", domain_tokens=150_000, val_tokens=20_000, steps=100,
-                    seq_len=128, batch_size=16, eval_tokens=16384, reference_steps=100,
+    "default": dict(model="nano", domain_tokens=150_000, val_tokens=20_000, max_chars=0,
+                    steps=100, seq_len=128, batch_size=16, eval_tokens=16384, reference_steps=100,
                     finetune_steps=40, seeds=3),
 }
 REFERENCE_SEED = 1000   # not one of the paired seeds
@@ -86,14 +88,16 @@ def _hash_order(doc_id: str) -> bytes:
     return hashlib.sha256(doc_id.encode()).digest()
 
 
-def write_corpus(out: Path, domain_tokens: int, val_tokens: int) -> dict:
+def write_corpus(out: Path, domain_tokens: int, val_tokens: int, max_chars: int = 0) -> dict:
     """Each bundled domain's slice as ``out/<domain>.jsonl`` (ids kept, so the hash split puts
-    each document where the bundled corpus has it): {domain: {split: [documents, tokens]}}."""
+    each document where the bundled corpus has it; texts cut to ``max_chars`` if > 0):
+    {domain: {split: [documents, tokens]}}."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = vocab_lib.get_tokenizer("bundled")
     stats: dict[str, dict[str, list[int]]] = {}
     for domain in corpora.DOMAIN_NAMES:
-        docs = [d for d in corpora.read_documents(corpora.corpus_path(domain)) if d[1].strip()]
+        docs = [(i, t[:max_chars] if max_chars else t)
+                for i, t in corpora.read_documents(corpora.corpus_path(domain)) if t.strip()]
         docs.sort(key=lambda d: _hash_order(d[0]))
         kept: list[tuple[str, str]] = []
         stats[domain] = {}
@@ -102,7 +106,7 @@ def write_corpus(out: Path, domain_tokens: int, val_tokens: int) -> dict:
             for doc_id, text in docs:
                 if (split == "validation") != corpora.is_validation(doc_id):
                     continue
-                if total >= budget and n >= 2:
+                if total >= budget and n >= 1:
                     break
                 total += len(tokenizer.encode([text])[0]) + 1
                 n += 1
@@ -520,9 +524,12 @@ def main(argv=None):
         workdir.mkdir(parents=True, exist_ok=True)
         corpus = {"size": args.size, "domain_tokens": s["domain_tokens"],
                   "val_tokens": s["val_tokens"]}
+        if s["max_chars"]:
+            corpus["max_chars"] = s["max_chars"]
         made = read_json(workdir / "corpus.json") if (workdir / "corpus.json").is_file() else None
         if made is None:
-            stats = write_corpus(workdir / "corpus", s["domain_tokens"], s["val_tokens"])
+            stats = write_corpus(workdir / "corpus", s["domain_tokens"], s["val_tokens"],
+                                 s["max_chars"])
             write_json(workdir / "corpus.json", {**corpus, "documents_tokens": stats}, indent=2)
         elif {k: made.get(k) for k in corpus} != corpus:
             raise cli.UserError(f"{workdir} holds the corpus of --size {made.get('size')}; give "
