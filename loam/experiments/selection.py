@@ -28,10 +28,12 @@ for every method: the seeds pair them), trained with ``config.data.selection``:
   take more of one domain than of another; the domains are then mixed in proportion to the
   tokens chosen from each), aligned to the target's training documents. Methods: ``random``,
   ``heuristic`` (target-agnostic references), ``dsir`` (top importance log-weight: with weights
-  spread over hundreds of nats Gumbel resampling would choose the same documents),
-  ``zipfit`` (top gzip alignment), ``color`` (CoLoR-Filter, top conditional loss reduction; the
-  conditional model is the reference fine-tuned on the target's training documents). Metric:
-  the held-out loss on the target's validation documents, which no method saw.
+  spread over hundreds of nats Gumbel resampling would choose the same documents; the weight
+  sums over a document's n-grams, so across domains of very different document lengths it
+  ranks documents by length as much as by text), ``zipfit`` (top gzip alignment), ``color``
+  (CoLoR-Filter, top conditional loss reduction; the conditional model is the reference
+  fine-tuned on the target's training documents). Metric: the held-out loss on the target's
+  validation documents, which no method saw.
 
 Each difference to random is the mean of the same-seed differences with its standard error.
 Finished runs and scores are reused, so the command resumes where it stopped. Writes
