@@ -455,7 +455,7 @@ def verdicts(summary: dict, target: str) -> list[str]:
             else:
                 call = "within 2 s.e. of random (no difference detected)"
             out.append(f"- {experiment} / {m}: {what} {_fmt(p)} vs random over {p['seeds']} "
-                       f"seeds: {call}.")
+                       f"seeds: {call}" + ("" if call.endswith(".") else "."))
     return out
 
 
