@@ -15,6 +15,7 @@ TOY = ["--topology", "v5e-8", "--size", "nano", "--vocab", "512", "--seq_len", "
        "--backend", "cpu-fake"]
 
 
+@pytest.mark.e2e  # the command's main(), through a real compile
 def test_fsdp_step_compiles_with_real_memory_flops_and_collectives(capsys):
     assert aot.main([*TOY, "--layouts", "fsdp"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
