@@ -149,13 +149,10 @@ def topology_devices(topology: Topology, backend: str) -> list:
     return devices[: topology.devices]
 
 
-def model_config(size: str, vocab: int, tied: bool, remat: bool, dtype: str, seq_len: int,
-                 n_layers: int = 0) -> ModelConfig:
-    overrides: dict[str, Any] = dict(tied_embeddings=tied, remat=remat, dtype=dtype,
-                                     param_dtype="float32", max_len=seq_len)
-    if n_layers:
-        overrides["n_layers"] = n_layers
-    return sizes.get_size(size, vocab, **overrides)
+def model_config(size: str, vocab: int, tied: bool, remat: bool, dtype: str,
+                 seq_len: int) -> ModelConfig:
+    return sizes.get_size(size, vocab, tied_embeddings=tied, remat=remat, dtype=dtype,
+                          param_dtype="float32", max_len=seq_len)
 
 
 def abstract_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
