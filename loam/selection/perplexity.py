@@ -42,7 +42,10 @@ class DocumentLoss:
         from loam.data import objectives  # noqa: PLC0415
         from loam.data import vocab as vocab_lib  # noqa: PLC0415
 
-        self.params, run, self.step = run_lib.load_params(workdir, step)
+        # One device: a Beam worker is one process per core, and parameters replicated over a
+        # host's devices would make every device run each whole batch.
+        self.params, run, self.step = run_lib.load_params(workdir, step,
+                                                          devices=jax.local_devices()[:1])
         config = run.config
         self.tokenizer = vocab_lib.get_tokenizer(config.data.get("tokenizer") or "bundled")
         self.seq_len = int(config.data.seq_len)
