@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model, data", ["loam.model", "loam.data"]),
     # get_config(arg) files: may size models and read corpora; research code starts from them.
     ("configs", ["loam.configs"]),
-    ("step, run", ["loam.step", "loam.run", "loam.hooks"]),
+    ("step, run", ["loam.step", "loam.run", "loam.hooks", "loam.wandb_logging"]),
     # K models in one compiled step: proxy swarms, and the probes of online mixing rounds.
     ("swarm", ["loam.mixing.swarm"]),
     # Weight sources the trainer builds by name (config.mixing.method) and its output hook.
@@ -60,7 +60,9 @@ LAYERS: list[tuple[str, list[str]]] = [
 # Third-party packages a function may import lazily (top-level package names).
 HEAVY = {"tensorflow", "tensorflow_datasets", "tensorflow_text", "seqio", "matplotlib",
          "lightgbm", "pyarrow", "apache_beam", "transformers", "datasets", "torch",
-         "safetensors"}
+         "safetensors",
+         # optional extras ([lmeval], [wandb]) and a benchmark's reference tool (own venv)
+         "lm_eval", "wandb", "data_selection"}
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_mismatch_raises_names_the_parameter_and_changes_nothing(tmp_path, capsy
     msg = str(e.value)
     assert isinstance(e.value, ValueError)
     assert "checkpoint 8" in msg and "dense/bias" in msg and "(8,) float32" in msg
-    assert "(9,) float32" in msg and "train into a new workdir" in msg and "init.checkpoint" in msg
+    assert "(9,) float32" in msg and "use a new workdir" in msg and "init.checkpoint" in msg
     with pytest.raises(ckpt_lib.CheckpointMismatch, match="params/dense"):
         c.restore_params(8, wider.params)
     # A different dtype and a missing parameter are mismatches too, never "damage".

@@ -52,10 +52,12 @@ import os
 import re
 import sys
 import time
+from importlib import metadata
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
 from loam import step as st
 from loam.model import sharding as shd
@@ -128,7 +130,6 @@ def topology_devices(topology: Topology, backend: str) -> list:
     """The slice's devices: described by libtpu (tpu) or the first host CPU devices (cpu-fake)."""
     if backend == "tpu":
         try:
-            from jax.experimental import topologies
             desc = topologies.get_topology_desc(platform="tpu",
                                                 topology_name=topology.topology_name,
                                                 chip_config_name=topology.chip_config)
@@ -404,7 +405,6 @@ def main(argv=None) -> int:
         "runs": runs, "backend": args.backend, "topology": topology.name,
         "topology_name": topology.topology_name, "jax": jax.__version__}
     if args.backend == "tpu":
-        from importlib import metadata
         summary["libtpu"] = metadata.version("libtpu")
     if args.compile_scaling:
         mesh = layout_mesh(layouts[0], devices, batch)

@@ -54,6 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
+from loam.data import corpora
+from loam.selection import dsir
+from loam.selection.base import Doc
+
 INSTALL_HINT = ("python3 -m venv .venv-bench && .venv-bench/bin/pip install "
                 "data-selection==1.0.3, then --reference_python .venv-bench/bin/python")
 
@@ -121,7 +125,6 @@ def _loam_beam(docs, target: str, num_buckets: int, smoothing: float, workers: i
     import apache_beam as beam  # noqa: PLC0415
     from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
 
-    from loam.selection import dsir  # noqa: PLC0415
 
     scorer = dsir.DSIR(target=target, num_buckets=num_buckets, smoothing=smoothing)
     scorer.check(None)
@@ -167,9 +170,6 @@ def main(argv=None) -> int:
                         help="an interpreter with data-selection installed")
     args = parser.parse_args(argv)
 
-    from loam.data import corpora  # noqa: PLC0415
-    from loam.selection import dsir  # noqa: PLC0415
-    from loam.selection.base import Doc  # noqa: PLC0415
 
     docs: list = []
     for domain in args.raw_domains.split(","):

@@ -41,7 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from loam import cli, paths  # noqa: E402
+from loam import cli, generate, paths  # noqa: E402
+from loam import run as run_lib
+from loam.evals.scoring import Scorer
+from loam.workdir import read_json, write_json
 
 try:  # the [lmeval] extra; without it, require() says how to install it
     from lm_eval.api.model import LM as _HarnessLM
@@ -70,8 +73,6 @@ class LoamLM(_HarnessLM):
                  max_gen_toks: int = 256, seed: int = 0, devices=None):
         require()
         super().__init__()
-        from loam import generate
-        from loam.evals.scoring import Scorer
 
         self.workdir = os.fspath(workdir)
         self.params, run, self.step = generate.load(self.workdir, step, devices)
@@ -139,7 +140,6 @@ class LoamLM(_HarnessLM):
     def generate_until(self, requests) -> list[str]:
         from lm_eval.models import utils as model_utils
 
-        from loam import generate
 
         groups: dict[tuple, list[tuple[int, list[int], list[str]]]] = defaultdict(list)
         for i, r in enumerate(requests):
@@ -171,7 +171,6 @@ class LoamLM(_HarnessLM):
     def _decode(self, prompts: Sequence[list[int]], new: int, sampling) -> list[list[int]]:
         """New tokens of each prompt, up to its EOS; prompts are left-padded to a width rounded
         up to 32 (fewer compilations)."""
-        from loam import generate
 
         pad, eos = int(self.tokenizer.pad_id), int(self.tokenizer.eos_id)
         tokens, valid = generate.left_pad(prompts, pad)
@@ -193,7 +192,6 @@ class LoamLM(_HarnessLM):
 
 
 def _tokenizer(config):
-    from loam import run as run_lib
     return run_lib.build_catalog(config).tokenizer
 
 
@@ -253,7 +251,6 @@ def write_results(workdir, step: int, results: dict) -> paths.epath.Path:
     task's samples beside it; returns the JSON file."""
     from lm_eval.utils import handle_non_serializable
 
-    from loam.workdir import read_json, write_json
 
     out = paths.mkdir(paths.Path(workdir) / "harness")
     target = out / f"step_{step}.json"

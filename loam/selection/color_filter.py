@@ -38,9 +38,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loam import paths
+from loam import run as run_lib
+from loam import train as train_lib
 from loam.selection.base import ScorerError, register
 from loam.selection.dsir import TargetScorer
+from loam.selection.perplexity import DocumentLoss
 
 
 def parse_run(spec: str, what: str) -> tuple[str, int | None]:
@@ -101,7 +106,6 @@ class _ScoreBatch:
 
     def setup(self):
         if self.models is None:
-            from loam.selection.perplexity import DocumentLoss  # noqa: PLC0415
             self.models = tuple(DocumentLoss(w, s, self.batch_size) for w, s in self.runs)
 
     def process(self, docs):
@@ -193,7 +197,6 @@ class ColorFilter(TargetScorer):
         """The prior's config, fine-tuning from its checkpoint on the target documents (all of
         them train; ``validation_file``, the first of them under other ids, is what the run's
         own evaluation reads)."""
-        from loam import run as run_lib  # noqa: PLC0415
 
         prior, step = self._prior()
         c = run_lib.read_config(prior)
@@ -230,7 +233,6 @@ class ColorFilter(TargetScorer):
         workdir, step = self.conditional_run()
         if self.conditional or step in checkpoint_steps(workdir):
             return workdir, step
-        from loam import train as train_lib  # noqa: PLC0415
 
         root = paths.Path(workdir).parent
         paths.mkdir(root)
@@ -262,7 +264,6 @@ class ColorFilter(TargetScorer):
                                                     self.batch_size)))
 
     def report(self, domain, columns, tokens) -> dict[str, Any] | None:
-        import numpy as np  # noqa: PLC0415
 
         v = np.asarray(columns["color"], np.float64)
         ok = np.isfinite(v)

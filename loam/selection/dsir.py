@@ -41,6 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from loam import paths
+from loam.data import catalog as catalog_lib
+from loam.data import sources as sources_lib
 from loam.selection.base import Scorer, ScorerError, register
 
 EPS = 1e-8  # inside the logs, as the authors' package does
@@ -137,7 +140,6 @@ def _is_file(spec: str) -> bool:
 
 def read_target_file(path: str, text_field: str = "text") -> Iterator[str]:
     """The texts of a JSON-lines file of target documents (gzip'd if it ends in .gz)."""
-    from loam import paths  # noqa: PLC0415  (local files and gs:// alike)
 
     if not paths.exists(path):
         raise ScorerError(f"target file {path} does not exist; give a JSON-lines file with a "
@@ -185,7 +187,6 @@ class Target:
             raise ScorerError(f"target {spec!r}: the split after ':' must be train or "
                               "validation (DOMAIN, DOMAIN:train or DOMAIN:validation)")
         if catalog is None:
-            from loam.data import catalog as catalog_lib  # noqa: PLC0415
             catalog = catalog_lib.default()
         try:
             source = catalog.source(name)
@@ -198,7 +199,6 @@ class Target:
         if self.source is None:
             yield from read_target_file(self.spec)
             return
-        from loam.data import sources as sources_lib  # noqa: PLC0415
         for _, text in sources_lib.read_documents(self.source, self.split):
             yield text
 

@@ -24,8 +24,14 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from loam import paths
+from loam import run as run_lib
+from loam.data import objectives
+from loam.data import vocab as vocab_lib
 from loam.selection.base import Doc, PerDocument, Scorer, ScorerError, register
 
 TERCILE_PERCENTILES = (33.0, 66.0)
@@ -35,12 +41,7 @@ class DocumentLoss:
     """A reference checkpoint, loaded once: the mean per-token loss of texts."""
 
     def __init__(self, workdir: str, step: int | None = None, batch_size: int = 8):
-        import jax  # noqa: PLC0415
-        import jax.numpy as jnp  # noqa: PLC0415
 
-        from loam import run as run_lib  # noqa: PLC0415
-        from loam.data import objectives  # noqa: PLC0415
-        from loam.data import vocab as vocab_lib  # noqa: PLC0415
 
         # One device: a Beam worker is one process per core, and parameters replicated over a
         # host's devices would make every device run each whole batch.
@@ -138,7 +139,6 @@ def _dofn(workdir: str, step: int | None, batch_size: int):
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-    from loam import paths  # noqa: PLC0415
     root = paths.Path(workdir) / "checkpoints"
     if not paths.exists(root):
         return []
@@ -170,7 +170,6 @@ class Perplexity(Scorer):
         return self.step
 
     def check(self, catalog) -> None:
-        from loam import paths  # noqa: PLC0415
         if not self.workdir:
             raise ScorerError("--scorer perplexity needs --param workdir=RUN (a trained loam "
                               "run: the reference model)")
@@ -182,7 +181,6 @@ class Perplexity(Scorer):
         self._step()
 
     def inputs(self) -> dict[str, str]:
-        from loam import paths  # noqa: PLC0415
         cfg = paths.read_bytes(paths.Path(self.workdir, "config.json"))
         return {"checkpoint": f"{self.workdir}@{self._step()}",
                 "config.json": hashlib.sha256(cfg).hexdigest()}

@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.optimize
+import scipy.special
 
+from loam import cli
+from loam.data import catalog as catalog_lib
+from loam.data import corpora
+from loam.data import sources as sources_lib
+from loam.selection import heuristics, perplexity
 from loam.selection.base import Scorer, ScorerError, register
 
 
@@ -107,8 +114,6 @@ def read_judgments(path: str) -> Judgments:
 
 def fit_bradley_terry(a, b, p, n: int, l2: float = 0.01, max_iter: int = 500) -> np.ndarray:
     """MAP Bradley-Terry scores of n documents from comparisons (a[k], b[k], p[k])."""
-    import scipy.optimize  # noqa: PLC0415
-    import scipy.special  # noqa: PLC0415
 
     if not l2 > 0:
         raise ScorerError(f"l2 must be > 0 (the prior fixes the scores' offset and scale), got "
@@ -227,8 +232,6 @@ def pair_judgments(ids: Sequence[str], values, pairs: int, seed: int, judge: str
 
 
 def _documents(domains: Sequence[str], max_docs: int, data_dir=None):
-    from loam.data import catalog as catalog_lib  # noqa: PLC0415
-    from loam.data import sources as sources_lib  # noqa: PLC0415
 
     catalog = catalog_lib.default(data_dir)
     docs: list[tuple[str, str]] = []
@@ -247,13 +250,11 @@ def judge(source: str, out: str, domains: Sequence[str], pairs: int, seed: int =
     docs = _documents(domains, max_docs, data_dir)
     ids = [d for d, _ in docs]
     if source == "heuristic":
-        from loam.selection import heuristics  # noqa: PLC0415
         values = heuristics.score_documents(t for _, t in docs)["quality"]
         label = "heuristic:quality (generated, not a human or LLM judge)"
     elif source == "loss":
         if not workdir:
             raise ScorerError("judge --from loss needs --workdir RUN (a trained loam run)")
-        from loam.selection import perplexity  # noqa: PLC0415
         model = perplexity.DocumentLoss(workdir, step)
         values = -np.array([model.loss(t)[0] for _, t in docs])
         label = (f"loss:{workdir}@{model.step} (generated from a reference model's per-token "
@@ -270,8 +271,6 @@ def judge(source: str, out: str, domains: Sequence[str], pairs: int, seed: int =
 
 
 def main(argv=None):
-    from loam import cli  # noqa: PLC0415
-    from loam.data import corpora  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m loam.selection.ratings",
                                      description=__doc__,
