@@ -706,9 +706,9 @@ def prepare(sources: Mapping[str, sources_lib.Source], tokenizer, root=None, *,
 _OWN_FLAGS = ("config", "runner", "num_workers", "prepared_dir")
 
 
-def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(this command's arguments, Beam's): flags this command defines (and --config.*
-    overrides) stay; every other flag, with its value, goes to Beam."""
+def split_beam_args(argv: list[str], own_flags=_OWN_FLAGS) -> tuple[list[str], list[str]]:
+    """(this command's arguments, Beam's): flags the command defines (``own_flags``, and
+    --config.* overrides) stay; every other flag, with its value, goes to Beam."""
     ours: list[str] = []
     beam_args: list[str] = []
     i = 0
@@ -716,7 +716,7 @@ def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
         a = argv[i]
         name = a.lstrip("-").split("=", 1)[0]
         own = a in ("-h", "--help", "--helpshort", "--helpfull") or (
-            a.startswith("-") and (name in _OWN_FLAGS or name.startswith("config.")
+            a.startswith("-") and (name in own_flags or name.startswith("config.")
                                    or name.startswith("noconfig.")))
         takes_next = (a.startswith("-") and "=" not in a and i + 1 < len(argv)
                       and not argv[i + 1].startswith("-"))

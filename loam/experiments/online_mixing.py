@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from loam import cli
-from loam import train as train_lib
 from loam.configs import default
+from loam.experiments.common import train_once
 from loam.model import sizes
 from loam.workdir import read_json, write_json
 
@@ -74,24 +74,6 @@ def method_config(c, method: str, seed: int, workdir: Path, rounds_every: int):
 
 def run_dir(workdir: Path, stage: str, method: str, seed: int) -> Path:
     return workdir / stage / f"{method}_seed{seed}"
-
-
-def final_eval(run: Path, steps: int) -> dict | None:
-    path = run / "eval" / f"step_{steps}.json"
-    return read_json(path) if path.is_file() else None
-
-
-def train_once(config, run: Path, verbose: bool) -> dict:
-    done = final_eval(run, int(config.steps))
-    if done is not None:
-        return done
-    if verbose:
-        print(f"== {run.parent.name}/{run.name}", flush=True)
-    train_lib.train(config, run)
-    out = final_eval(run, int(config.steps))
-    if out is None:
-        raise cli.UserError(f"{run} finished without its final evaluation; rerun the command")
-    return out
 
 
 def transfer_config(c_target, method: str, seed: int, workdir: Path):

@@ -53,12 +53,12 @@ from typing import Any
 import numpy as np
 
 from loam import cli
-from loam import train as train_lib
 from loam.configs import default
 from loam.data import catalog as catalog_lib
 from loam.data import columns as columns_lib
 from loam.data import corpora, views
 from loam.data import vocab as vocab_lib
+from loam.experiments.common import train_once
 from loam.selection import base, pipeline, ratings
 from loam.workdir import read_json, write_json
 
@@ -142,24 +142,6 @@ def _set(c, key: str, value) -> None:
 
 
 # ---------------------------------------------------------------------------------- runs
-
-def final_eval(run: Path, steps: int) -> dict | None:
-    path = run / "eval" / f"step_{steps}.json"
-    return read_json(path) if path.is_file() else None
-
-
-def train_once(config, run: Path, verbose: bool) -> dict:
-    done = final_eval(run, int(config.steps))
-    if done is not None:
-        return done
-    if verbose:
-        print(f"== {run.parent.name}/{run.name}", flush=True)
-    train_lib.train(config, run)
-    out = final_eval(run, int(config.steps))
-    if out is None:
-        raise cli.UserError(f"{run} finished without its final evaluation; rerun the command")
-    return out
-
 
 def reference_run(c, workdir: Path, s: dict, target: str, verbose: bool) -> str:
     """A model trained on the pool (the target's weight 0): the prior and the judge."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from loam import cli
 from loam.data import catalog as catalog_lib
 from loam.data import columns as columns_lib
+from loam.data import prepare
 from loam.selection import base, pipeline, scorers  # noqa: F401  (registers the scorers)
 from loam.selection import columns as legacy
 
@@ -49,24 +50,7 @@ def parse_params(items) -> dict:
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(this command's arguments, Beam's): the flags above (and --config.* overrides) stay."""
-    ours: list[str] = []
-    beam_args: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        name = a.lstrip("-").split("=", 1)[0]
-        own = a in ("-h", "--help", "--helpshort", "--helpfull") or (
-            a.startswith("-") and (name in _OWN_FLAGS or name.startswith(("config.",
-                                                                        "noconfig."))))
-        takes_next = (a.startswith("-") and "=" not in a and i + 1 < len(argv)
-                      and not argv[i + 1].startswith("-"))
-        target = ours if own or not a.startswith("-") else beam_args
-        target.append(a)
-        if takes_next:
-            target.append(argv[i + 1])
-            i += 1
-        i += 1
-    return ours, beam_args
+    return prepare.split_beam_args(argv, _OWN_FLAGS)
 
 
 def _define_flags(flags):
