@@ -379,21 +379,25 @@ def load_params(workdir: paths.PathLike, step: int | None = None, devices=None):
 INIT_CARRY = ("params", "params+opt", "all")
 
 
-def parse_init(spec: str) -> tuple[str, int | None]:
-    """"DIR[:STEP]" -> (DIR, STEP or None); a URL's own colon is part of DIR."""
+def parse_init(spec: str, what: str = "init.checkpoint") -> tuple[str, int | None]:
+    """"DIR[:STEP]" -> (DIR, STEP or None); a URL's own colon is part of DIR. ``what`` names
+    the setting in the error."""
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail.isdigit():
         return head, int(tail)
     if sep and head and tail and "/" not in tail:
-        raise ConfigError(f"init.checkpoint={spec!r}: the step after ':' must be a number "
+        raise ConfigError(f"{what}={spec!r}: the step after ':' must be a number "
                           "(DIR or DIR:STEP)")
     return spec, None
 
 
-def _checkpoint_steps(workdir) -> list[int]:
-    """The steps saved in a run directory, read from the listing (opens nothing for writing)."""
-    return sorted(int(p.name) for p in paths.iterdir(paths.Path(workdir) / "checkpoints")
-                  if p.name.isdigit())
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps saved in a run directory, read from the listing (opens nothing for writing);
+    none when it has no checkpoints folder."""
+    root = paths.Path(workdir) / "checkpoints"
+    if not paths.exists(root):
+        return []
+    return sorted(int(p.name) for p in paths.iterdir(root) if p.name.isdigit())
 
 
 def _tokenizer(config) -> vocab_lib.Tokenizer:
@@ -464,7 +468,7 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: paths.PathLike,
         raise ConfigError(f"init.checkpoint={spec}: {src} is not a loam run directory (no "
                           "config.json); name the workdir of a run trained by python -m "
                           "loam.train")
-    available = _checkpoint_steps(src)
+    available = checkpoint_steps(src)
     if not available:
         raise ConfigError(f"init.checkpoint={spec}: {src} holds no checkpoints to start from; "
                           "train it until it saves one (checkpoint_every) or name another run")

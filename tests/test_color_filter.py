@@ -9,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
+from loam import run as run_lib
 from loam.configs import default
 from loam.data import catalog as catalog_lib
 from loam.data import columns as columns_lib
 from loam.data import corpora
 from loam.selection import base, pipeline
-from loam.selection.color_filter import ColorFilter, checkpoint_steps
+from loam.selection.color_filter import ColorFilter
 from loam.selection.perplexity import DocumentLoss
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +82,7 @@ def test_score_is_the_difference_of_two_losses(scored, reference_run):
 def test_the_fine_tuned_run_is_reused(scored):
     root, catalog, scorer, _ = scored
     cond_dir, step = scorer.conditional_run()
-    assert checkpoint_steps(cond_dir) == [FINETUNE_STEPS]
+    assert run_lib.checkpoint_steps(cond_dir) == [FINETUNE_STEPS]
     config = json.loads(open(f"{cond_dir}/config.json").read())
     assert config["init"]["carry"] == "params" and config["steps"] == FINETUNE_STEPS
     assert [name for name, _ in config["data"]["sources"]] == ["code_ft"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loam import cli
@@ -28,3 +29,11 @@ def train_once(config, run: Path, verbose: bool) -> dict:
     if out is None:
         raise cli.UserError(f"{run} finished without its final evaluation; rerun the command")
     return out
+
+
+def fmt_paired(p: dict) -> str:
+    """A paired difference as "+d ± se" ("–" without seeds; no "± se" when it is undefined)."""
+    if not p["seeds"] or math.isnan(p["diff"]):
+        return "–"
+    se = "" if math.isnan(p["se"]) else f" ± {p['se']:.4f}"
+    return f"{p['diff']:+.4f}{se}"

@@ -34,7 +34,7 @@ import numpy as np
 
 from loam import cli
 from loam.configs import default
-from loam.experiments.common import train_once
+from loam.experiments.common import fmt_paired, train_once
 from loam.model import sizes
 from loam.workdir import read_json, write_json
 
@@ -128,13 +128,6 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def _fmt(p: dict) -> str:
-    if not p["seeds"] or math.isnan(p["diff"]):
-        return "–"
-    se = "" if math.isnan(p["se"]) else f" ± {p['se']:.4f}"
-    return f"{p['diff']:+.4f}{se}"
-
-
 def tables(summary: dict, proxy_size: str, target_size: str) -> str:
     lines = []
     for stage, size in (("proxy", proxy_size), ("transfer", target_size)):
@@ -145,9 +138,10 @@ def tables(summary: dict, proxy_size: str, target_size: str) -> str:
         for m, e in summary[stage].items():
             lines.append(
                 f"| {m} | {e['seeds']} | {e['mean_loss']:.4f} | {e['worst_loss']:.4f} | "
-                f"{_fmt(e['mean_loss_vs_stratified'])} | {_fmt(e['mean_loss_vs_proportional'])} "
-                f"| {_fmt(e['worst_loss_vs_stratified'])} | "
-                f"{_fmt(e['worst_loss_vs_proportional'])} |")
+                f"{fmt_paired(e['mean_loss_vs_stratified'])} | "
+                f"{fmt_paired(e['mean_loss_vs_proportional'])} "
+                f"| {fmt_paired(e['worst_loss_vs_stratified'])} | "
+                f"{fmt_paired(e['worst_loss_vs_proportional'])} |")
         lines.append("")
     lines.append("Differences are paired over seeds (same initialisation and data order), "
                  "mean ± standard error; negative is better than the baseline.")

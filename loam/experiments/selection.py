@@ -58,7 +58,7 @@ from loam.data import catalog as catalog_lib
 from loam.data import columns as columns_lib
 from loam.data import corpora, views
 from loam.data import vocab as vocab_lib
-from loam.experiments.common import train_once
+from loam.experiments.common import fmt_paired, train_once
 from loam.selection import base, pipeline, ratings
 from loam.workdir import read_json, write_json
 
@@ -372,15 +372,8 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def _fmt(p: dict) -> str:
-    if not p["seeds"] or math.isnan(p["diff"]):
-        return "–"
-    se = "" if math.isnan(p["se"]) else f" ± {p['se']:.4f}"
-    return f"{p['diff']:+.4f}{se}"
-
-
 def _vs(method: str, p: dict) -> str:
-    return "(baseline)" if method == "random" else _fmt(p)
+    return "(baseline)" if method == "random" else fmt_paired(p)
 
 
 def tables(summary: dict, target: str) -> str:
@@ -393,9 +386,9 @@ def tables(summary: dict, target: str) -> str:
                   + " | ".join(domains) + " |",
                   "|---|---|---|---|" + "---|" * len(domains)]
         for m, e in b.items():
-            cells = " | ".join(f"{e['per_domain'][d]:.4f} ({_fmt(e['per_domain_vs_random'][d])})"
-                               if m != "random" else f"{e['per_domain'][d]:.4f}"
-                               for d in domains)
+            cells = " | ".join(
+                f"{e['per_domain'][d]:.4f} ({fmt_paired(e['per_domain_vs_random'][d])})"
+                if m != "random" else f"{e['per_domain'][d]:.4f}" for d in domains)
             lines.append(f"| {m} | {e['seeds']} | {e['mean_loss']:.4f} | "
                          f"{_vs(m, e['mean_loss_vs_random'])} | {cells} |")
         lines += ["", "Per domain: held-out loss (its paired difference to random).", ""]
@@ -436,7 +429,7 @@ def verdicts(summary: dict, target: str) -> list[str]:
                 call = "worse than random beyond 2 s.e."
             else:
                 call = "within 2 s.e. of random (no difference detected)"
-            out.append(f"- {experiment} / {m}: {what} {_fmt(p)} vs random over {p['seeds']} "
+            out.append(f"- {experiment} / {m}: {what} {fmt_paired(p)} vs random over {p['seeds']} "
                        f"seeds: {call}" + ("" if call.endswith(".") else "."))
     return out
 

@@ -48,33 +48,18 @@ from loam.selection.dsir import TargetScorer
 from loam.selection.perplexity import DocumentLoss
 
 
-def parse_run(spec: str, what: str) -> tuple[str, int | None]:
-    """"DIR[:STEP]" -> (DIR, STEP or None)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and tail.isdigit():
-        return head, int(tail)
-    if sep and head and tail and "/" not in tail:
-        raise ScorerError(f"{what}={spec!r}: the step after ':' must be a number (DIR or "
-                          "DIR:STEP)")
-    return spec, None
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    root = paths.Path(workdir) / "checkpoints"
-    if not paths.exists(root):
-        return []
-    return sorted(int(p.name) for p in paths.iterdir(root) if p.name.isdigit())
-
-
 def resolve_run(spec: str, what: str, trained_by: str) -> tuple[str, int]:
     """(absolute DIR, STEP) of a run's checkpoint; ScorerError naming the fix otherwise."""
     if not spec:
         raise ScorerError(f"--scorer color_filter needs --param {what}=DIR[:STEP] ({trained_by})")
-    where, step = parse_run(spec, what)
+    try:
+        where, step = run_lib.parse_init(spec, what)
+    except run_lib.ConfigError as e:
+        raise ScorerError(str(e)) from None
     if not paths.exists(paths.Path(where, "config.json")):
         raise ScorerError(f"{what}={spec}: {where} is not a loam run (no config.json); pass "
                           f"--param {what}=DIR[:STEP] of a trained run ({trained_by})")
-    steps = checkpoint_steps(where)
+    steps = run_lib.checkpoint_steps(where)
     if not steps:
         raise ScorerError(f"{what}={spec}: {where} has no checkpoints; train it until it saves "
                           f"one (config.checkpoint_every) or pass another run ({trained_by})")
@@ -184,7 +169,7 @@ class ColorFilter(TargetScorer):
 
     def inputs(self) -> dict[str, str]:
         workdir, step = self.conditional_run()
-        done = step in checkpoint_steps(workdir) and paths.exists(
+        done = step in run_lib.checkpoint_steps(workdir) and paths.exists(
             paths.Path(workdir, "config.json"))
         return {"prior": run_fingerprint(*self._prior()),
                 "conditional": run_fingerprint(workdir, step) if done
@@ -231,7 +216,7 @@ class ColorFilter(TargetScorer):
         """The conditional model's (DIR, STEP), fine-tuned from the prior on the target first
         unless it is given or already trained."""
         workdir, step = self.conditional_run()
-        if self.conditional or step in checkpoint_steps(workdir):
+        if self.conditional or step in run_lib.checkpoint_steps(workdir):
             return workdir, step
 
         root = paths.Path(workdir).parent
@@ -247,7 +232,7 @@ class ColorFilter(TargetScorer):
               f"{self.finetune_steps} steps into {workdir}", flush=True)
         train_lib.train(self.finetune_config(str(files["train"]), str(files["validation"]),
                                              str(root / "prepared")), workdir)
-        if step not in checkpoint_steps(workdir):
+        if step not in run_lib.checkpoint_steps(workdir):
             raise ScorerError(f"the fine-tuning into {workdir} ended without its checkpoint at "
                               f"step {step}; run the scoring again to resume it")
         return workdir, step

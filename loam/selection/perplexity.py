@@ -138,13 +138,6 @@ def _dofn(workdir: str, step: int | None, batch_size: int):
     return ScoreBatch(workdir, step, batch_size)
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-    root = paths.Path(workdir) / "checkpoints"
-    if not paths.exists(root):
-        return []
-    return sorted(int(p.name) for p in paths.iterdir(root) if p.name.isdigit())
-
-
 @register
 @dataclasses.dataclass
 class Perplexity(Scorer):
@@ -158,7 +151,7 @@ class Perplexity(Scorer):
     batch_size: int = 32    # rows of seq_len tokens per forward pass
 
     def _step(self) -> int:
-        steps = _checkpoint_steps(self.workdir)
+        steps = run_lib.checkpoint_steps(self.workdir)
         if not steps:
             raise ScorerError(f"{self.workdir} has no checkpoints; train the reference run "
                               "first or pass --param workdir=RUN of a trained run")

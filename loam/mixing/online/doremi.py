@@ -156,13 +156,6 @@ class DoReMi(WeightSource):
 
 # --------------------------------------------------------------------------- the reference run
 
-def _checkpoint_steps(workdir: paths.epath.Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not paths.exists(directory):
-        return []
-    return sorted(int(p.name) for p in paths.iterdir(directory) if p.name.isdigit())
-
-
 def check_reference(config, domains: Sequence[str], reference: str) -> tuple[np.ndarray, int]:
     """(the weights the reference run sampled with, in the order of ``domains``; its newest
     checkpoint step), after checking that it can serve as the reference of ``config``: same
@@ -206,7 +199,7 @@ def check_reference(config, domains: Sequence[str], reference: str) -> tuple[np.
                          "weights; DoReMi's reference trains on constant weights "
                          "(config.data.weights, or mixing.method=proportional or stratified)")
     sampling = np.array([ref_source.weights[ref_source.domains.index(d)] for d in domains])
-    steps = _checkpoint_steps(workdir)
+    steps = run_lib.checkpoint_steps(workdir)
     if not steps:
         raise ValueError(f"{field}: the reference run has no checkpoint in "
                          f"{workdir / 'checkpoints'}; let it finish (rerun its command to resume)")
