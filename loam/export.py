@@ -59,7 +59,8 @@ _MAPPED = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
            "head_dim": "head_dim", "mlp_dim": "intermediate_size",
            "max_len": "max_position_embeddings", "tied_embeddings": "tie_word_embeddings",
-           "rope_theta": "rope_theta", "remat": None, "dtype": None, "param_dtype": None}
+           "rope_theta": "rope_theta", "remat": None, "dtype": None, "param_dtype": None,
+           "loss_impl": None, "scan_unroll": None}
 _CAUSAL_OBJECTIVES = ("causal",)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import resource
 import time
 
 import jax
@@ -28,3 +29,8 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0)
         best = min(best, time.perf_counter() - t)
         count += 1
     return 2 * n**3 / best
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

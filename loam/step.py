@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from loam.model import loss as loss_lib
 from loam.model import sharding as shd
+from loam.model.transformer import output_matrix
 
 Batch = Mapping[str, jax.Array]
 MODEL_FEATURES = ("inputs", "segment_ids", "positions", "prefix")
@@ -163,8 +165,33 @@ def current_lr(opt_state) -> jax.Array:
 
 # --------------------------------------------------------------------------- loss
 
+def _features(batch: Batch) -> dict:
+    return {"segment_ids": batch["segment_ids"], "positions": batch["positions"],
+            "prefix": batch["prefix"]}
+
+
+def _fused(model: nn.Module) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "loss_impl", "logits") == "fused"
+
+
+def _projected(params, model: nn.Module, batch: Batch, a_BxL: jax.Array, b_BxL: jax.Array):
+    """(objective, nll_BxL, lse_BxL) through the fused output projection and loss."""
+    cfg = cast(Any, model).cfg
+    hidden_BxLxD = cast(jax.Array, model.apply({"params": params}, batch["inputs"],
+                                               hidden=True, **_features(batch)))
+    return loss_lib.projected_nll(hidden_BxLxD, output_matrix(cfg, params), batch["targets"],
+                                  a_BxL, b_BxL, tied=cfg.tied_embeddings,
+                                  dtype=cfg.compute_dtype)
+
+
 def token_nll(params, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(nll_BxL, logsumexp_BxL) of every position, in float32."""
+    """(nll_BxL, logsumexp_BxL) of every position, in float32 (no gradient through the fused
+    path: use `loss_sums` to differentiate)."""
+    if _fused(model):
+        zeros = jnp.zeros(batch["targets"].shape, jnp.float32)
+        _, nll, lse = _projected(params, model, batch, zeros, zeros)
+        return nll, lse
     logits_BxLxV = cast(jax.Array, model.apply(
         {"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
         positions=batch["positions"], prefix=batch["prefix"])).astype(jnp.float32)
@@ -185,9 +212,14 @@ def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: 
     ``reference`` = (model, params) of a fixed model run without gradients in the same pass:
     aux["domain_excess_sum"] is then the per-domain Σ max(nll - reference nll, 0).
     """
-    nll_BxL, lse_BxL = token_nll(params, model, batch)
     w_BxL = batch["loss_weights"].astype(jnp.float32)
     domains = batch["domain_ids"].reshape(-1)
+    tw_BxL = (w_BxL * batch["token_weights"].astype(jnp.float32) if "token_weights" in batch
+              else w_BxL)
+    if _fused(model):  # the objective and its gradient come from the fused projection
+        objective, nll_BxL, lse_BxL = _projected(params, model, batch, tw_BxL, z_loss * w_BxL)
+    else:
+        nll_BxL, lse_BxL = token_nll(params, model, batch)
     aux = {
         "loss_sum": jnp.sum(nll_BxL * w_BxL),
         "tokens": jnp.sum(w_BxL),
@@ -203,12 +235,8 @@ def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: 
         excess_BxL = jnp.maximum(jax.lax.stop_gradient(nll_BxL) - ref_nll_BxL, 0.0)
         aux["domain_excess_sum"] = jax.ops.segment_sum((excess_BxL * w_BxL).reshape(-1),
                                                        domains, num_segments=num_domains)
-    if "token_weights" in batch:
-        tw_BxL = w_BxL * batch["token_weights"].astype(jnp.float32)
-        loss_term = jnp.sum(nll_BxL * tw_BxL)
-    else:
-        loss_term = aux["loss_sum"]
-    objective = loss_term + z_loss * aux["z_loss_sum"]
+    if not _fused(model):
+        objective = jnp.sum(nll_BxL * tw_BxL) + z_loss * aux["z_loss_sum"]
     return objective, aux
 
 

@@ -15,6 +15,7 @@ loam.model.sizes (6N + 12 L d T) and the peak the best float32 2048x2048 matmul 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -27,7 +28,7 @@ from loam import perf
 from loam import step as st
 from loam.model import sharding as shd
 from loam.model import sizes
-from loam.model.transformer import Transformer
+from loam.model.transformer import ModelConfig, Transformer
 
 # name -> (size, vocab, seq_len, batch, overrides). "mini" is the default job's model
 # (loam/configs/default.py: untied embeddings, seq 256, batch 16).
@@ -53,11 +54,11 @@ def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.
     }
 
 
-def bench_run(name: str, steps: int, peak: float) -> dict:
+def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -> dict:
     if steps < 1:  # the timings and tokens/s need at least one timed step
         raise ValueError(f"bench_run needs steps >= 1 timed steps (after the warm-up), got {steps}")
     size, vocab, seq_len, batch_size, overrides = RUNS[name]
-    cfg = sizes.get_size(size, vocab, max_len=seq_len, **overrides)
+    cfg = sizes.get_size(size, vocab, max_len=seq_len, **{**overrides, **(variant or {})})
     model = Transformer(cfg)
     mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     optimizer = st.make_optimizer(st.lr_schedule("cosine", 1e-3, 1000, 10))
@@ -65,31 +66,35 @@ def bench_run(name: str, steps: int, peak: float) -> dict:
                                      batch_size)
     train_step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5,
                                     z_loss=1e-4)
-    batch = shd.shard_batch(_batch(vocab, batch_size, seq_len), mesh)
+    # A fresh batch for every step, built and placed on the device before the clock starts.
+    batches = [shd.shard_batch(_batch(vocab, batch_size, seq_len, seed=i), mesh)
+               for i in range(steps + 1)]
 
     t = time.perf_counter()
     with shd.activate(mesh):
-        compiled = train_step.jitted.lower(state, batch).compile()
+        compiled = train_step.jitted.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t
 
-    state, metrics = compiled(state, batch)  # warm-up (first execution allocates)
+    state, metrics = compiled(state, batches[0])  # warm-up (first execution allocates)
     first_loss = float(metrics["loss"])
+    faults = perf.minor_faults()
     ready = [time.perf_counter()]
-    state, pending = compiled(state, batch)
-    for _ in range(steps - 1):
-        state, metrics = compiled(state, batch)  # queued before the previous step's loss is read
+    state, pending = compiled(state, batches[1])
+    for i in range(2, steps + 1):
+        state, metrics = compiled(state, batches[i])  # queued before the previous step's loss is read
         pending["loss"].block_until_ready()
         ready.append(time.perf_counter())
         pending = metrics
     pending["loss"].block_until_ready()
     ready.append(time.perf_counter())
     step_times = np.diff(ready)
+    faults_per_step = (perf.minor_faults() - faults) / steps
     tokens_per_s = batch_size * seq_len * steps / (ready[-1] - ready[0])
     fpt = sizes.flops_per_token(cfg, seq_len)
     counts = sizes.count_params(cfg)
     mem = jax.devices()[0].memory_stats() or {}
     return {
-        "name": name, "size": size, "vocab": vocab, "seq_len": seq_len, "batch": batch_size,
+        "name": name, "variant": variant or {}, "size": size, "vocab": vocab, "seq_len": seq_len, "batch": batch_size,
         "tied_embeddings": cfg.tied_embeddings, "dtype": cfg.dtype,
         "params": counts["total"], "non_embedding_params": counts["non_embedding"],
         "flops_per_token": fpt, "steps": steps, "compile_s": round(compile_s, 2),
@@ -99,8 +104,25 @@ def bench_run(name: str, steps: int, peak: float) -> dict:
         "matmul_peak_flops": peak,
         "loss_first": first_loss, "loss_last": float(pending["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "page_faults_per_step": faults_per_step,
         "device_peak_bytes": mem.get("peak_bytes_in_use"),
     }
+
+
+def _parse_variant(text: str) -> dict:
+    """'loss_impl=logits,scan_unroll=6' -> {"loss_impl": "logits", "scan_unroll": 6}."""
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a ModelConfig field "
+                             f"({', '.join(fields)})")
+        kind = str(fields[key])
+        out[key] = (value.lower() in ("1", "true") if "bool" in kind
+                    else int(value) if "int" in kind and "None" not in kind
+                    else float(value) if "float" in kind else value)
+    return out
 
 
 def main(argv=None) -> int:
@@ -108,7 +130,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per run (0: auto)")
+    parser.add_argument("--variants", default="",
+                        help="model settings to compare side by side, ';'-separated, each "
+                        "'field=value,...' of ModelConfig (e.g. 'loss_impl=logits;"
+                        "loss_impl=fused'); every run is measured once per variant")
     args = parser.parse_args(argv)
+    try:
+        variants = [_parse_variant(v) for v in args.variants.split(";")] if args.variants \
+            else [{}]
+    except ValueError as e:
+        print(f"--variants: {e}", file=sys.stderr)
+        return 2
     if args.steps < 0:
         print(f"--steps must be >= 0 (0: auto), got {args.steps}", file=sys.stderr)
         return 2
@@ -121,9 +153,10 @@ def main(argv=None) -> int:
     runs = []
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
-        run = bench_run(name, steps, peak)
-        runs.append(run)
-        print(json.dumps(run), flush=True)
+        for variant in variants:
+            run = bench_run(name, steps, peak, variant)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
     # The peak again, now that the machine is warm; MFU is against the higher of the two.
     peak_after = perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0)
     if peak_after > peak:

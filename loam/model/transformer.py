@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
+LOSS_IMPLS = ("fused", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,14 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "float32", or "bfloat16" for mixed precision
     param_dtype: str = "float32"  # stored (master) weights
     rope_theta: float = 10_000.0
+    # How the step is computed; none of these changes the numbers beyond float rounding.
+    # "fused": the training loss takes the output projection and cross-entropy a chunk of
+    # positions at a time with its own VJP (loam.model.loss), never the whole logits;
+    # "logits": the full logits, then the loss.
+    loss_impl: str = "fused"
+    # Layers run as one scanned body (1: one compiled layer, the fastest compile) or unrolled
+    # by this factor (n_layers: fully unrolled, no stacked residual buffers).
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -59,6 +68,10 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
                              f"{self.kv_heads} for grouped-query attention")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl={self.loss_impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1")
         if self.head_size % 2:
             raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings")
 
@@ -245,9 +258,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, inputs_BxL: Array, *, segment_ids: Array | None = None,
                  positions: Array | None = None, prefix: Array | None = None,
-                 cache: dict | None = None):
+                 cache: dict | None = None, hidden: bool = False):
         """Logits of every position. With a ``cache`` (see `init_cache`), the inputs are the
-        next tokens of the sequences the cache holds: returns (logits, updated cache)."""
+        next tokens of the sequences the cache holds: returns (logits, updated cache).
+        ``hidden``: the final-normed hidden states [B, L, D] instead of the logits (what the
+        fused loss projects itself, see `output_matrix`)."""
         if cache is not None:
             return self._decode(inputs_BxL, segment_ids, positions, cache)
         cfg = self.cfg
@@ -274,8 +289,14 @@ class Transformer(nn.Module):
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                        unroll=min(cfg.scan_unroll, cfg.n_layers),
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, mask_BxQxS, positions)
+        if hidden:
+            if not cfg.tied_embeddings:  # create the parameter (init through this path)
+                _param(self, "unembed", _fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
+                       ("embed", "vocab"), cfg)
+            return RMSNorm(cfg, name="final_norm")(x_BxLxD)
         return self._logits(x_BxLxD, embedding_VxD)
 
     def _logits(self, x_BxLxD: Array, embedding_VxD: Array) -> Array:
@@ -329,6 +350,11 @@ class Transformer(nn.Module):
         x_BxTxD, kv = stack(cfg, name="layers")(x_BxTxD, mask_BxTxS, positions, kv, index)
         new_cache = {**kv, "valid": valid_BxS, "index": index + t}
         return self._logits(x_BxTxD, embedding_VxD), new_cache
+
+
+def output_matrix(cfg: ModelConfig, params) -> Array:
+    """The output projection in ``params``: the [V, D] embedding when tied, else [D, V]."""
+    return nn.unbox(params["embedding"] if cfg.tied_embeddings else params["unembed"])
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
