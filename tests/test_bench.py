@@ -34,6 +34,12 @@ def test_swarm_bench_matches_sequential_losses(capsys):
                 "speedup", "swarm_mfu", "sequential_mfu"):
         assert key in last, key
     assert last["k"] == 2
+    # Both member loops measured; the summary is the faster one's.
+    assert set(last["loops"]) == {"vmap", "map"}
+    fastest = max(last["loops"], key=lambda loop: last["loops"][loop]["tokens_per_s"])
+    assert last["member_loop"] == fastest
+    assert last["speedup"] == last["loops"][fastest]["speedup"]
+    assert last["default_is_fastest"] == (last["default_member_loop"] == fastest)
     assert last["params_per_member"] == sizes.count_params(sizes.get_size("nano"))["non_embedding"]
     # Both sides trained the same members on the same batches: same losses.
     assert last["max_loss_difference"] < 1e-4

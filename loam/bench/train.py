@@ -1,10 +1,14 @@
 """Train-step throughput and model FLOP utilisation, measured against this process's matmul peak.
 
-    python -m loam.bench.train [--quick] [--runs mini,peer-a,small]
+    python -m loam.bench.train [--quick] [--runs mini,peer-a,small] [--steps N]
+                               [--variants 'loss_impl=logits;loss_impl=fused']
 
-Prints one JSON line per model, then one JSON object {"runs": [...], ...} as the last line.
-Batches are synthetic (uniform random tokens, one full-length segment per row): throughput does
-not depend on token values, and the bench then needs no corpus. The step is the real one
+Prints one JSON line per model (and variant), then one JSON object {"runs": [...], ...} as the
+last line. `--variants` measures ModelConfig settings side by side in one process (each line
+carries its "variant"). Batches are synthetic (uniform random tokens, one full-length segment per
+row), a fresh one for every timed step, built and placed before the clock starts: throughput does
+not depend on token values, and the bench then needs no corpus. Each line also gives the minor
+page faults per step (see loam/__init__.py on huge pages). The step is the real one
 (loam.step.make_train_step: AdamW, clipping, z-loss, per-domain sums), on a 1-device mesh,
 dispatched ahead: step i+1 is queued before step i's loss is fetched, as the training loop does.
 
@@ -81,7 +85,8 @@ def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -
     ready = [time.perf_counter()]
     state, pending = compiled(state, batches[1])
     for i in range(2, steps + 1):
-        state, metrics = compiled(state, batches[i])  # queued before the previous step's loss is read
+        # queued before the previous step's loss is read
+        state, metrics = compiled(state, batches[i])
         pending["loss"].block_until_ready()
         ready.append(time.perf_counter())
         pending = metrics
@@ -94,7 +99,8 @@ def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -
     counts = sizes.count_params(cfg)
     mem = jax.devices()[0].memory_stats() or {}
     return {
-        "name": name, "variant": variant or {}, "size": size, "vocab": vocab, "seq_len": seq_len, "batch": batch_size,
+        "name": name, "variant": variant or {}, "size": size, "vocab": vocab,
+        "seq_len": seq_len, "batch": batch_size,
         "tied_embeddings": cfg.tied_embeddings, "dtype": cfg.dtype,
         "params": counts["total"], "non_embedding_params": counts["non_embedding"],
         "flops_per_token": fpt, "steps": steps, "compile_s": round(compile_s, 2),
