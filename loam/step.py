@@ -186,12 +186,9 @@ def _projected(params, model: nn.Module, batch: Batch, a_BxL: jax.Array, b_BxL: 
 
 
 def token_nll(params, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(nll_BxL, logsumexp_BxL) of every position, in float32 (no gradient through the fused
-    path: use `loss_sums` to differentiate)."""
-    if _fused(model):
-        zeros = jnp.zeros(batch["targets"].shape, jnp.float32)
-        _, nll, lse = _projected(params, model, batch, zeros, zeros)
-        return nll, lse
+    """(nll_BxL, logsumexp_BxL) of every position, in float32, differentiable: through the full
+    logits whatever ``loss_impl`` says (the fused path's gradient exists only for the summed
+    objective of `loss_sums`)."""
     logits_BxLxV = cast(jax.Array, model.apply(
         {"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
         positions=batch["positions"], prefix=batch["prefix"])).astype(jnp.float32)
