@@ -11,15 +11,16 @@ import jax.numpy as jnp
 
 
 @functools.cache
-def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0) -> float:
-    """Best observed float32 FLOP/s of an n×n matmul on the default device.
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0,
+                      dtype: str = "float32") -> float:
+    """Best observed FLOP/s of an n×n matmul of ``dtype`` operands on the default device.
 
     Runs at least ``repeats`` timed matmuls and at least ``min_seconds`` of them, so that thread
     pools and clock frequencies have settled before the best time is taken (a single cold
     measurement can read a third low, which would inflate every MFU divided by it).
     """
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
     best, count, start = float("inf"), 0, time.perf_counter()

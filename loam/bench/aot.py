@@ -151,9 +151,9 @@ def topology_devices(topology: Topology, backend: str) -> list:
 
 
 def model_config(size: str, vocab: int, tied: bool, remat: bool, dtype: str,
-                 seq_len: int) -> ModelConfig:
+                 seq_len: int, loss_impl: str = "fused") -> ModelConfig:
     return sizes.get_size(size, vocab, tied_embeddings=tied, remat=remat, dtype=dtype,
-                          param_dtype="float32", max_len=seq_len)
+                          param_dtype="float32", max_len=seq_len, loss_impl=loss_impl)
 
 
 def abstract_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -291,6 +291,7 @@ def run_layout(cfg: ModelConfig, size: str, topology: Topology, backend: str, la
         "mesh": dict(mesh.shape), "devices": len(devices), "params": counts["total"],
         "vocab": cfg.vocab_size, "tied_embeddings": cfg.tied_embeddings, "n_layers": cfg.n_layers,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat,
+        "loss_impl": cfg.loss_impl,
         "seq_len": seq_len, "batch": batch, "device_memory_bytes": device_memory,
         # The 6N + 12 L d T count for the whole batch, without rematerialisation.
         "model_flops_per_step": sizes.flops_per_token(cfg, seq_len) * batch * seq_len,
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
                         help="global batch in sequences (0: one per device)")
     parser.add_argument("--vocab", type=int, default=0, help="0: the size's default")
     parser.add_argument("--dtype", default="", help="compute type (default: bfloat16)")
+    parser.add_argument("--loss_impl", default="fused", choices=("fused", "logits"),
+                        help="the training loss: fused (chunked output projection and "
+                        "cross-entropy, the default) or logits (the full logits)")
     parser.add_argument("--remat", default="", choices=("", "true", "false"),
                         help="rematerialise each layer in the backward pass (default: on for "
                              "1b and 8b)")
@@ -382,7 +386,7 @@ def main(argv=None) -> int:
         defaults = SIZE_DEFAULTS.get(args.size, OTHER_SIZES)
         remat = defaults.remat if not args.remat else args.remat == "true"
         cfg = model_config(args.size, args.vocab or defaults.vocab, defaults.tied, remat,
-                           args.dtype or defaults.dtype, args.seq_len)
+                           args.dtype or defaults.dtype, args.seq_len, args.loss_impl)
         if args.backend == "cpu-fake":
             _force_cpu_devices(topology.devices)
         else:

@@ -13,7 +13,9 @@ page faults per step (see loam/__init__.py on huge pages). The step is the real 
 dispatched ahead: step i+1 is queued before step i's loss is fetched, as the training loop does.
 
 MFU = flops_per_token * tokens_per_s / matmul_peak, with flops_per_token from
-loam.model.sizes (6N + 12 L d T) and the peak the best float32 2048x2048 matmul seen here.
+loam.model.sizes (6N + 12 L d T) and the peak the best 2048x2048 matmul seen here: float32 on
+the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, float32 weights) and the peak
+is the device's bfloat16 one.
 """
 
 from __future__ import annotations
@@ -155,7 +157,12 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown run(s) {unknown}; choose from {list(RUNS)}", file=sys.stderr)
         return 2
-    peak = perf.matmul_peak_flops(2048, 8, 2.0)
+    # On an accelerator the model computes in bfloat16 (mixed precision) and MFU is against the
+    # device's bfloat16 matmul peak; on the CPU both are float32.
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype != "float32":
+        variants = [{"dtype": dtype, **v} for v in variants]
+    peak = perf.matmul_peak_flops(2048, 8, 2.0, dtype)
     runs = []
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
@@ -164,14 +171,15 @@ def main(argv=None) -> int:
             runs.append(run)
             print(json.dumps(run), flush=True)
     # The peak again, now that the machine is warm; MFU is against the higher of the two.
-    peak_after = perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0)
+    peak_after = perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0, dtype)
     if peak_after > peak:
         for run in runs:
             run["mfu"] *= peak / peak_after
             run["matmul_peak_flops"] = peak_after
         peak = peak_after
     print(json.dumps({
-        "runs": runs, "matmul_peak_flops": peak, "devices": jax.device_count(),
+        "runs": runs, "matmul_peak_flops": peak, "matmul_peak_dtype": dtype,
+        "devices": jax.device_count(),
         "platform": jax.devices()[0].platform, "jax": jax.__version__,
         "batches": "synthetic uniform random tokens, one segment per row",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
