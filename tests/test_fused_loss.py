@@ -183,3 +183,17 @@ def test_vmapped_update_equals_the_full_logits_update(batches):
                     jax.tree_util.tree_leaves(s_ref.params)):  # Adam's first step: see above
         np.testing.assert_allclose(g, r, rtol=0, atol=5e-4)
         assert np.mean(np.abs(np.asarray(g) - np.asarray(r)) <= 1e-5) > 0.999
+
+
+def test_the_run_config_chooses_the_loss_and_refuses_an_unknown_one():
+    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+    assert run_lib.model_config(config).loss_impl == "fused"
+    config.model.loss_impl = "logits"
+    assert run_lib.model_config(config).loss_impl == "logits"
+    config.model.loss_impl = "chunked"
+    with pytest.raises(ValueError, match="loss_impl='chunked'; choose one of fused, logits"):
+        run_lib.model_config(config)
+    # A run saved before the setting existed resumes as fused (what it trained with).
+    saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
+    del saved["model"]["loss_impl"]
+    assert run_lib.comparable(saved)["model"]["loss_impl"] == "fused"

@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Compute type. "bfloat16": mixed precision, i.e. bfloat16 matmuls and activations on
     # float32 weights and optimizer state, float32 norms, softmax, logits and loss.
     c.model.dtype = "float32"
+    # The training loss: "fused" (the output projection and cross-entropy a chunk of positions at
+    # a time, never the whole logits; loam/model/loss.py) or "logits" (the full logits, then the
+    # loss). Equal within float rounding.
+    c.model.loss_impl = "fused"
 
     c.data = ml_collections.ConfigDict()
     # Domain name -> source, in the order of the domain ids: "bundled:NAME", "jsonl:GLOB",
