@@ -190,8 +190,7 @@ def token_nll(params, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Ar
     logits whatever ``loss_impl`` says (the fused path's gradient exists only for the summed
     objective of `loss_sums`)."""
     logits_BxLxV = cast(jax.Array, model.apply(
-        {"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"], prefix=batch["prefix"])).astype(jnp.float32)
+        {"params": params}, batch["inputs"], **_features(batch))).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     return lse_BxL - target_BxL, lse_BxL
@@ -213,7 +212,8 @@ def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: 
     domains = batch["domain_ids"].reshape(-1)
     tw_BxL = (w_BxL * batch["token_weights"].astype(jnp.float32) if "token_weights" in batch
               else w_BxL)
-    if _fused(model):  # the objective and its gradient come from the fused projection
+    fused = _fused(model)
+    if fused:  # the objective and its gradient come from the fused projection
         objective, nll_BxL, lse_BxL = _projected(params, model, batch, tw_BxL, z_loss * w_BxL)
     else:
         nll_BxL, lse_BxL = token_nll(params, model, batch)
@@ -232,7 +232,7 @@ def loss_sums(params, model: nn.Module, batch: Batch, num_domains: int, z_loss: 
         excess_BxL = jnp.maximum(jax.lax.stop_gradient(nll_BxL) - ref_nll_BxL, 0.0)
         aux["domain_excess_sum"] = jax.ops.segment_sum((excess_BxL * w_BxL).reshape(-1),
                                                        domains, num_segments=num_domains)
-    if not _fused(model):
+    if not fused:
         objective = jnp.sum(nll_BxL * tw_BxL) + z_loss * aux["z_loss_sum"]
     return objective, aux
 

@@ -8,6 +8,7 @@ with gradient accumulation, and vmapped as a swarm runs it.
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,10 +96,7 @@ def test_loss_sums_and_gradients_equal_the_full_logits_path(batches, tied, dtype
         np.random.default_rng(1).uniform(0.5, 1.5, batch["targets"].shape), jnp.float32)
     logits_model = Transformer(_cfg(vocab, tied_embeddings=tied, dtype=dtype, loss_impl="logits"))
     fused_model = Transformer(_cfg(vocab, tied_embeddings=tied, dtype=dtype, loss_impl="fused"))
-    params = jax.tree_util.tree_map(
-        lambda x: x.value if hasattr(x, "value") else x,
-        logits_model.init(jax.random.key(0), batch["inputs"])["params"],
-        is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(logits_model.init(jax.random.key(0), batch["inputs"])["params"])
 
     def grads(model):
         return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
@@ -109,17 +107,11 @@ def test_loss_sums_and_gradients_equal_the_full_logits_path(batches, tied, dtype
     for k in aux_ref:
         np.testing.assert_allclose(aux_fused[k], aux_ref[k], rtol=1e-5 if dtype == "float32"
                                    else 1e-3)
-    for path, r in jax.tree_util.tree_leaves_with_path(g_ref):
-        f = _get(g_fused, path)
+    for (path, r), f in zip(jax.tree_util.tree_leaves_with_path(g_ref),
+                            jax.tree_util.tree_leaves(g_fused), strict=True):
         scale = float(jnp.max(jnp.abs(r)))
         assert float(jnp.max(jnp.abs(f - r))) <= tol * scale, jax.tree_util.keystr(path)
     assert "unembed" in params or tied
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k.key]
-    return tree
 
 
 def _train(model, data, accum_steps=1):
@@ -164,10 +156,7 @@ def test_vmapped_update_equals_the_full_logits_update(batches):
         model = Transformer(_cfg(vocab, loss_impl=impl))
 
         def init(rng, model=model):
-            params = jax.tree_util.tree_map(
-                lambda x: x.value if hasattr(x, "value") else x,
-                model.init(rng, data[0]["inputs"])["params"],
-                is_leaf=lambda x: hasattr(x, "value"))
+            params = nn.meta.unbox(model.init(rng, data[0]["inputs"])["params"])
             return st.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  opt_state=optimizer.init(params))
 

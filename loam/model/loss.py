@@ -64,11 +64,21 @@ def chunk_length(rows: int, length: int, vocab: int, budget: int = CHUNK_BYTES) 
     return best
 
 
-def _logits(x_BxCxD: Array, w: Array, tied: bool, dtype) -> Array:
-    """float32 logits of one chunk; w is [V, D] when tied (the embedding), else [D, V]."""
-    dims = (((2,), (1,)), ((), ())) if tied else (((2,), (0,)), ((), ()))
-    return jax.lax.dot_general(x_BxCxD.astype(dtype), w.astype(dtype), dims,
-                               preferred_element_type=jnp.float32)
+def _chunk(x_BxCxD: Array, t_BxC: Array, w_dt: Array, tied: bool):
+    """One chunk flattened to its N = rows x positions tokens (2-D matmuls: XLA:CPU's fast path):
+    (x_NxD in the compute type, float32 logits_NxV, lse_N, target logit_N, onehot_NxV).
+    w_dt, in the compute type, is [V, D] when tied (the embedding), else [D, V]."""
+    rows, c, d = x_BxCxD.shape
+    x_NxD = x_BxCxD.reshape(rows * c, d).astype(w_dt.dtype)
+    dims = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
+    logits = nn.with_logical_constraint(
+        jax.lax.dot_general(x_NxD, w_dt, dims, preferred_element_type=jnp.float32),
+        ("batch", "vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    t_N = t_BxC.reshape(-1)
+    onehot = jnp.arange(logits.shape[-1], dtype=t_N.dtype) == t_N[:, None]
+    target = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return x_NxD, logits, lse, target, onehot
 
 
 def _chunks(x: Array, c: int) -> Array:
@@ -85,13 +95,12 @@ def _unchunk(x: Array) -> Array:
 
 def _forward(x_BxLxD, w, targets_BxL, tied, dtype, chunk):
     """(nll, lse) [B, L] without gradients, one chunk of logits at a time."""
+    w_dt = w.astype(dtype)
+
     def body(_, xs):
         x_BxCxD, t_BxC = xs
-        logits = nn.with_logical_constraint(_logits(x_BxCxD, w, tied, dtype),
-                                            ("batch", "length", "vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
-        return None, (lse - target, lse)
+        _, _, lse, target, _ = _chunk(x_BxCxD, t_BxC, w_dt, tied)
+        return None, ((lse - target).reshape(t_BxC.shape), lse.reshape(t_BxC.shape))
 
     _, (nll, lse) = jax.lax.scan(body, None, (_chunks(x_BxLxD, chunk),
                                               _chunks(targets_BxL, chunk)))
@@ -112,13 +121,8 @@ def _fused_fwd(x_BxLxD, w, targets_BxL, a_BxL, b_BxL, tied, dtype, chunk):
     def body(dw_DxV, xs):
         x_BxCxD, t_BxC, a_BxC, b_BxC = xs
         rows, c = t_BxC.shape
-        x_NxD = x_BxCxD.reshape(rows * c, d).astype(dtype)  # 2-D matmuls: XLA:CPU's fast path
-        t_N, a_N, b_N = t_BxC.reshape(-1), a_BxC.reshape(-1), b_BxC.reshape(-1)
-        logits = nn.with_logical_constraint(_logits(x_NxD[None], w, tied, dtype)[0],
-                                            ("batch", "vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        onehot = jnp.arange(vocab, dtype=t_N.dtype) == t_N[:, None]
-        target = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+        x_NxD, logits, lse, target, onehot = _chunk(x_BxCxD, t_BxC, w_dt, tied)
+        a_N, b_N = a_BxC.reshape(-1), b_BxC.reshape(-1)
         p = jnp.exp(logits - lse[:, None])
         # d(a·nll + b·lse²)/d logits = a (p - onehot) + 2 b lse p
         g_NxV = ((a_N + 2.0 * b_N * lse)[:, None] * p

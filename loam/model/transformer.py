@@ -292,29 +292,28 @@ class Transformer(nn.Module):
                         unroll=min(cfg.scan_unroll, cfg.n_layers),
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, mask_BxQxS, positions)
-        if hidden:
-            if not cfg.tied_embeddings:  # create the parameter (init through this path)
-                _param(self, "unembed", _fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
-                       ("embed", "vocab"), cfg)
-            return RMSNorm(cfg, name="final_norm")(x_BxLxD)
-        return self._logits(x_BxLxD, embedding_VxD)
+        return self._logits(x_BxLxD, embedding_VxD, hidden)
 
-    def _logits(self, x_BxLxD: Array, embedding_VxD: Array) -> Array:
+    def _logits(self, x_BxLxD: Array, embedding_VxD: Array, hidden: bool = False) -> Array:
+        """Final norm, then the output projection (``hidden``: the normed states alone)."""
         cfg = self.cfg
         b, length = x_BxLxD.shape[:2]
         x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
+        unembed_DxV = None if cfg.tied_embeddings else _param(
+            self, "unembed", _fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
+            ("embed", "vocab"), cfg)
+        if hidden:
+            return x_BxLxD
 
         dt = cfg.compute_dtype
         x_NxD = x_BxLxD.reshape(b * length, cfg.d_model)
         # Logits in float32 whatever the compute type: bfloat16's 8-bit mantissa would round
         # the logsumexp of the loss and the differences between nearby logits.
-        if cfg.tied_embeddings:
+        if unembed_DxV is None:
             logits_NxV = jax.lax.dot_general(x_NxD, embedding_VxD.astype(dt),
                                              (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32)
         else:
-            unembed_DxV = _param(self, "unembed", _fan_in_init(0, 1),
-                                 (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
             logits_NxV = project(x_NxD, unembed_DxV, dt, jnp.float32)
         logits_BxLxV = logits_NxV.reshape(b, length, cfg.vocab_size)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
