@@ -163,6 +163,7 @@ def _get(config, dotted: str):
 # Fields added to the config after runs were made with it: a saved config without one meant this.
 ADDED_LATER = {"mixing": {"method": "static"},
                "model.loss_impl": "fused",
+               "model.attention_impl": "manual",
                "init": {"checkpoint": "", "carry": "params"},
                "data.replay": {"fraction": 0.0, "domains": [], "weights": "proportional"},
                "eval_dense": {"every": 1, "until": 0},
@@ -236,7 +237,8 @@ def model_config(config, vocab_size: int | None = None) -> ModelConfig:
     return dataclasses.replace(
         cfg, remat=config.model.remat, tied_embeddings=config.model.tied_embeddings,
         dtype=config.model.dtype, max_len=config.data.seq_len,
-        loss_impl=config.model.get("loss_impl", "fused"))
+        loss_impl=config.model.get("loss_impl", "fused"),
+        attention_impl=config.model.get("attention_impl", "manual"))
 
 
 def build_model(config) -> Transformer:

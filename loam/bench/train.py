@@ -60,61 +60,111 @@ def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.
     }
 
 
-def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -> dict:
-    if steps < 1:  # the timings and tokens/s need at least one timed step
-        raise ValueError(f"bench_run needs steps >= 1 timed steps (after the warm-up), got {steps}")
-    size, vocab, seq_len, batch_size, overrides = RUNS[name]
-    cfg = sizes.get_size(size, vocab, max_len=seq_len, **{**overrides, **(variant or {})})
-    model = Transformer(cfg)
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    optimizer = st.make_optimizer(st.lr_schedule("cosine", 1e-3, 1000, 10))
-    state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, seq_len,
-                                     batch_size)
-    train_step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5,
-                                    z_loss=1e-4)
-    # A fresh batch for every step, built and placed on the device before the clock starts.
-    batches = [shd.shard_batch(_batch(vocab, batch_size, seq_len, seed=i), mesh)
-               for i in range(steps + 1)]
+class _Run:
+    """One model (and variant) built, compiled and warmed up, ready to take timed steps."""
 
-    t = time.perf_counter()
-    with shd.activate(mesh):
-        compiled = train_step.jitted.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t
+    def __init__(self, name: str, steps: int, variant: dict | None = None):
+        if steps < 1:  # the timings and tokens/s need at least one timed step
+            raise ValueError(f"bench_run needs steps >= 1 timed steps (after the warm-up), "
+                             f"got {steps}")
+        size, vocab, seq_len, batch_size, overrides = RUNS[name]
+        self.name, self.size, self.vocab, self.variant = name, size, vocab, variant or {}
+        self.seq_len, self.batch_size, self.steps = seq_len, batch_size, steps
+        self.cfg = cfg = sizes.get_size(size, vocab, max_len=seq_len,
+                                        **{**overrides, **self.variant})
+        model = Transformer(cfg)
+        mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        optimizer = st.make_optimizer(st.lr_schedule("cosine", 1e-3, 1000, 10))
+        self.state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh,
+                                              seq_len, batch_size)
+        train_step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5,
+                                        z_loss=1e-4)
+        # A fresh batch for every step, built and placed on the device before the clock starts.
+        self.batches = [shd.shard_batch(_batch(vocab, batch_size, seq_len, seed=i), mesh)
+                        for i in range(steps + 1)]
+        t = time.perf_counter()
+        with shd.activate(mesh):
+            self.compiled = train_step.jitted.lower(self.state, self.batches[0]).compile()
+        self.compile_s = time.perf_counter() - t
+        # warm-up (the first execution allocates)
+        self.state, metrics = self.compiled(self.state, self.batches[0])
+        self.first_loss = float(metrics["loss"])
+        self.last_loss = self.first_loss
+        self.step_times: list[float] = []
+        self.faults = 0
+        self.taken = 0
 
-    state, metrics = compiled(state, batches[0])  # warm-up (first execution allocates)
-    first_loss = float(metrics["loss"])
-    faults = perf.minor_faults()
-    ready = [time.perf_counter()]
-    state, pending = compiled(state, batches[1])
-    for i in range(2, steps + 1):
-        # queued before the previous step's loss is read
-        state, metrics = compiled(state, batches[i])
+    def run(self, steps: int) -> None:
+        """``steps`` timed steps, dispatched ahead: step i+1 is queued before step i's loss is
+        read, as the training loop does."""
+        faults = perf.minor_faults()
+        ready = [time.perf_counter()]
+        batches = [self.batches[1 + (self.taken + i) % self.steps] for i in range(steps)]
+        self.state, pending = self.compiled(self.state, batches[0])
+        for batch in batches[1:]:
+            self.state, metrics = self.compiled(self.state, batch)
+            pending["loss"].block_until_ready()
+            ready.append(time.perf_counter())
+            pending = metrics
         pending["loss"].block_until_ready()
         ready.append(time.perf_counter())
-        pending = metrics
-    pending["loss"].block_until_ready()
-    ready.append(time.perf_counter())
-    step_times = np.diff(ready)
-    faults_per_step = (perf.minor_faults() - faults) / steps
-    tokens_per_s = batch_size * seq_len * steps / (ready[-1] - ready[0])
-    fpt = sizes.flops_per_token(cfg, seq_len)
-    counts = sizes.count_params(cfg)
-    mem = jax.devices()[0].memory_stats() or {}
-    return {
-        "name": name, "variant": variant or {}, "size": size, "vocab": vocab,
-        "seq_len": seq_len, "batch": batch_size,
-        "tied_embeddings": cfg.tied_embeddings, "dtype": cfg.dtype,
-        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-        "flops_per_token": fpt, "steps": steps, "compile_s": round(compile_s, 2),
-        "step_time_median_s": float(np.median(step_times)),
-        "step_time_min_s": float(step_times.min()), "step_time_max_s": float(step_times.max()),
-        "tokens_per_s": tokens_per_s, "mfu": fpt * tokens_per_s / peak,
-        "matmul_peak_flops": peak,
-        "loss_first": first_loss, "loss_last": float(pending["loss"]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "page_faults_per_step": faults_per_step,
-        "device_peak_bytes": mem.get("peak_bytes_in_use"),
-    }
+        self.step_times.extend(np.diff(ready).tolist())
+        self.faults += perf.minor_faults() - faults
+        self.taken += steps
+        self.last_loss = float(pending["loss"])
+
+    def result(self, peak: float) -> dict:
+        cfg, steps = self.cfg, len(self.step_times)
+        step_times = np.asarray(self.step_times)
+        tokens_per_s = self.batch_size * self.seq_len * steps / step_times.sum()
+        fpt = sizes.flops_per_token(cfg, self.seq_len)
+        counts = sizes.count_params(cfg)
+        mem = jax.devices()[0].memory_stats() or {}
+        return {
+            "name": self.name, "variant": self.variant, "size": self.size, "vocab": self.vocab,
+            "seq_len": self.seq_len, "batch": self.batch_size,
+            "tied_embeddings": cfg.tied_embeddings, "dtype": cfg.dtype,
+            "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+            "flops_per_token": fpt, "steps": steps, "compile_s": round(self.compile_s, 2),
+            "step_time_median_s": float(np.median(step_times)),
+            "step_time_min_s": float(step_times.min()),
+            "step_time_max_s": float(step_times.max()),
+            "tokens_per_s": tokens_per_s, "mfu": fpt * tokens_per_s / peak,
+            "matmul_peak_flops": peak,
+            "loss_first": self.first_loss, "loss_last": self.last_loss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "page_faults_per_step": self.faults / steps,
+            "device_peak_bytes": mem.get("peak_bytes_in_use"),
+        }
+
+
+def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -> dict:
+    run = _Run(name, steps, variant)
+    run.run(steps)
+    return run.result(peak)
+
+
+def interleaved(name: str, steps: int, peak: float, variants: list[dict]) -> list[dict]:
+    """All ``variants`` of one model built first, then timed in alternation, one step of each
+    per round, so that drift in the machine's speed (other tenants, clocks) falls on all of
+    them alike. Each result carries ``vs_first``: the median over rounds of its step time
+    divided by the first variant's in the same round, with the standard error of that ratio."""
+    runs = [_Run(name, steps, v) for v in variants]
+    for _ in range(steps):
+        for run in runs:
+            run.run(1)
+    base = np.asarray(runs[0].step_times)
+    out = []
+    for run in runs:
+        ratio = np.asarray(run.step_times) / base
+        result = run.result(peak)
+        result["vs_first"] = {"step_time_ratio_median": float(np.median(ratio)),
+                              "step_time_ratio_mean": float(ratio.mean()),
+                              "step_time_ratio_se": float(ratio.std(ddof=1) / np.sqrt(len(ratio)))
+                              if len(ratio) > 1 else None,
+                              "rounds": len(ratio)}
+        out.append(result)
+    return out
 
 
 def _parse_variant(text: str) -> dict:
@@ -142,6 +192,10 @@ def main(argv=None) -> int:
                         help="model settings to compare side by side, ';'-separated, each "
                         "'field=value,...' of ModelConfig (e.g. 'loss_impl=logits;"
                         "loss_impl=fused'); every run is measured once per variant")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --variants: time the variants in alternation, one step "
+                        "each per round, and report each one's step time relative to the "
+                        "first variant's in the same round (for a machine whose speed drifts)")
     args = parser.parse_args(argv)
     try:
         variants = [_parse_variant(v) for v in args.variants.split(";")] if args.variants \
@@ -166,8 +220,11 @@ def main(argv=None) -> int:
     runs = []
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
-        for variant in variants:
-            run = bench_run(name, steps, peak, variant)
+        if args.interleave and len(variants) > 1:
+            results = interleaved(name, steps, peak, variants)
+        else:
+            results = [bench_run(name, steps, peak, variant) for variant in variants]
+        for run in results:
             runs.append(run)
             print(json.dumps(run), flush=True)
     # The peak again, now that the machine is warm; MFU is against the higher of the two.

@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a time, never the whole logits; loam/model/loss.py) or "logits" (the full logits, then the
     # loss). Equal within float rounding.
     c.model.loss_impl = "fused"
+    # The attention core: "manual" (its own VJP, head-major batched matmuls;
+    # loam/model/attention.py) or "xla" (the plain einsum/softmax path under autodiff). Equal
+    # within float rounding.
+    c.model.attention_impl = "manual"
 
     c.data = ml_collections.ConfigDict()
     # Domain name -> source, in the order of the domain ids: "bundled:NAME", "jsonl:GLOB",

@@ -22,9 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from loam.model import attention as attn_lib
+
 Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("fused", "logits")
+ATTENTION_IMPLS = ("manual", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,9 @@ class ModelConfig:
     # Layers run as one scanned body (1: one compiled layer, the fastest compile) or unrolled
     # by this factor (n_layers: fully unrolled, no stacked residual buffers).
     scan_unroll: int = 1
+    # "manual": the attention core with its own VJP (loam.model.attention); "xla": the plain
+    # einsum/softmax path, differentiated by autodiff.
+    attention_impl: str = "manual"
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -70,6 +76,9 @@ class ModelConfig:
                              f"{self.kv_heads} for grouped-query attention")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl={self.loss_impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of "
+                             f"{', '.join(ATTENTION_IMPLS)}")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1")
         if self.head_size % 2:
@@ -166,7 +175,6 @@ class Attention(nn.Module):
         cache (``mask_BxQxS`` over its S slots): returns (output, updated kv)."""
         cfg = self.cfg
         d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
-        g = h // kvh
         dt = cfg.compute_dtype
         wq_DxHxK = _param(self, "query", _fan_in_init(0, (1, 2)), (d, h, k),
                           ("embed", "heads", "kv"), cfg)
@@ -195,14 +203,12 @@ class Attention(nn.Module):
                       kv["value"].dtype), start)}
             k_BxLxGxK, v_BxLxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # L -> S slots
 
-        q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kvh, g, k)  # R = query heads per kv head
-        scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(mask_BxQxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_BxLxGxK)
-        out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(b, length, h, k),
-                                ("batch", "length", "heads", "kv"))
+        if cfg.attention_impl == "manual":
+            out_BxLxHxK = attn_lib.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS, dt)
+        else:
+            out_BxLxHxK = attn_lib.attend_reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                                    mask_BxQxS, dt)
+        out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "kv"))
         out_NxD = project(out_BxLxHxK.reshape(b * length, h * k), wo_HxKxD, dt)
         if kv is not None:
             return out_NxD.reshape(b, length, d), kv

@@ -1,0 +1,195 @@
+"""The attention core with its own VJP (loam.model.attention) computes the plain path's numbers.
+
+Checked against the einsum/softmax path under autodiff: outputs and the gradients of queries,
+keys and values on random inputs with packed segments, padding, bidirectional prefixes and
+grouped-query heads; then whole models on bundled-corpus batches (causal and prefix-LM): the loss,
+every parameter's gradient, four train steps, the vmapped update a swarm runs, and decoding with a
+cache.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loam import run as run_lib
+from loam import step as st
+from loam.configs import default
+from loam.model import attention as attn
+from loam.model.transformer import ModelConfig, Transformer, attention_mask, init_cache
+
+
+def _inputs(b, length, h, g, k, prefix, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q, kk, v = (jnp.asarray(rng.normal(size=s), dtype) for s in
+                [(b, length, h, k), (b, length, g, k), (b, length, g, k)])
+    # Packed rows: segments of random lengths, then padding (segment 0) at the end.
+    seg = np.zeros((b, length), np.int32)
+    for row in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, length - 2), 2, replace=False))
+        seg[row, :cuts[0]], seg[row, cuts[0]:cuts[1]] = 1, 2
+        seg[row, cuts[1]:length - 3] = 3
+    pre = np.zeros((b, length), np.int32)
+    if prefix:
+        pre[:, :5] = 1  # a bidirectional prefix at the start of the first segment
+    mask = attention_mask(jnp.asarray(seg), jnp.asarray(pre))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+    # The loss gives padding rows no cotangent (weight 0, and nothing attends to them).
+    do = jnp.where(real, jnp.asarray(rng.normal(size=(b, length, h, k)), dtype), 0)
+    return q, kk, v, mask, do, real
+
+
+@pytest.mark.parametrize("h,g,prefix", [(4, 4, False), (4, 2, True), (6, 1, False),
+                                        (8, 2, False)])
+def test_attend_matches_the_autodiff_path(h, g, prefix):
+    q, k, v, mask, do, real = _inputs(3, 24, h, g, 8, prefix)
+    out_ref, vjp_ref = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    out, vjp = jax.vjp(lambda *a: attn.attend(*a, mask, jnp.float32), q, k, v)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)  # padding rows included
+    for got, want in zip(vjp(do), vjp_ref(do), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and the gradients are not trivially zero
+    assert all(float(jnp.max(jnp.abs(x))) > 0.1 for x in vjp(do))
+    # a padding row passes no gradient back through its query
+    dq = vjp(do)[0]
+    assert float(jnp.max(jnp.abs(jnp.where(real, 0, dq)))) == 0.0
+
+
+def test_attend_in_bfloat16_is_as_close_to_float32_as_the_autodiff_path():
+    """bfloat16 rounds the operands; the manual VJP must not add error beyond the plain path's."""
+    q, k, v, mask, do, _ = _inputs(2, 32, 4, 2, 16, True)
+    exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    dob = do.astype(jnp.bfloat16)
+    errors = {}
+    for name, fn in (("reference", attn.attend_reference), ("manual", attn.attend)):
+        out, vjp = jax.vjp(lambda *a, fn=fn: fn(*a, mask, jnp.bfloat16), *bf)
+        grads = vjp(dob)
+        assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+        errors[name] = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+                        for x, r in zip((out, *grads), (exact[0], *exact[1](do)))]
+    for got, ref in zip(errors["manual"], errors["reference"]):
+        assert got <= 1.5 * ref + 2e-3, errors
+        assert got < 3e-2, errors
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """Bundled-corpus batches (8 x 64 tokens, five domains): causal, and prefix-LM."""
+    out = {}
+    for objective in ("causal", "prefix_lm"):
+        config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+        config.data.objective = objective
+        stream = run_lib.build_stream(config)
+        out[objective] = [{k: jnp.asarray(v) for k, v in stream.batch(s).items()}
+                          for s in range(4)]
+    assert int(jnp.sum(out["prefix_lm"][0]["prefix"])) > 0
+    return out, run_lib.model_config(config).vocab_size
+
+
+def _cfg(vocab, **kw):
+    base = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       mlp_dim=128, max_len=64, tied_embeddings=True)
+    return dataclasses.replace(base, **kw)
+
+
+@pytest.mark.parametrize("objective", ["causal", "prefix_lm"])
+def test_model_loss_and_gradients_equal_the_autodiff_attention(batches, objective):
+    data, vocab = batches
+    batch = data[objective][0]
+    xla = Transformer(_cfg(vocab, attention_impl="xla"))
+    manual = Transformer(_cfg(vocab, attention_impl="manual"))
+    params = nn.meta.unbox(xla.init(jax.random.key(0), batch["inputs"])["params"])
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
+                                has_aux=True))(params)
+
+    (g_ref, aux_ref), (g_man, aux_man) = grads(xla), grads(manual)
+    for key in aux_ref:
+        np.testing.assert_allclose(aux_man[key], aux_ref[key], rtol=1e-5, atol=1e-6)
+    for (path, r), m in zip(jax.tree_util.tree_leaves_with_path(g_ref),
+                            jax.tree_util.tree_leaves(g_man), strict=True):
+        scale = float(jnp.max(jnp.abs(r)))
+        assert scale > 0, jax.tree_util.keystr(path)
+        assert float(jnp.max(jnp.abs(m - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def _train(model, data):
+    optimizer = st.make_optimizer(st.lr_schedule("cosine", 3e-3, 10, 1))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                             ("data", "fsdp", "tensor"))
+    state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, 64, 8)
+    step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5, z_loss=1e-4)
+    losses = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_train_steps_equal_the_autodiff_attention_steps(batches):
+    data, vocab = batches
+    ref = _train(Transformer(_cfg(vocab, attention_impl="xla")), data["causal"])
+    got = _train(Transformer(_cfg(vocab, attention_impl="manual")), data["causal"])
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    assert ref[0] > ref[-1]  # it trained
+
+
+def test_vmapped_update_equals_the_autodiff_attention_update(batches):
+    """A swarm vmaps the update over members: the custom VJP batches like the plain path."""
+    data, vocab = batches
+    optimizer = st.make_optimizer(st.lr_schedule("constant", 1e-2, 10, 0))
+    causal = data["causal"]
+    out = {}
+    for impl in ("xla", "manual"):
+        model = Transformer(_cfg(vocab, attention_impl=impl))
+
+        def init(rng, model=model):
+            params = nn.meta.unbox(model.init(rng, causal[0]["inputs"])["params"])
+            return st.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=optimizer.init(params))
+
+        states = jax.vmap(init)(jax.random.split(jax.random.key(0), 3))
+        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *causal[:3])
+        update = jax.jit(jax.vmap(lambda s, b, model=model: st.update(
+            s, b, model=model, optimizer=optimizer, num_domains=5, z_loss=1e-4)))
+        out[impl] = update(states, stacked)
+    (_, m_ref), (_, m_man) = out["xla"], out["manual"]
+    np.testing.assert_allclose(m_man["loss"], m_ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_man["grad_norm"], m_ref["grad_norm"], rtol=1e-4)
+
+
+def test_decoding_with_a_cache_is_unchanged(batches):
+    """The cache path (queries over S cache slots) and the full forward pass, both impls."""
+    data, vocab = batches
+    prompt = data["causal"][0]["inputs"][:2, :12]
+    logits = {}
+    for impl in ("xla", "manual"):
+        cfg = _cfg(vocab, attention_impl=impl)
+        model = Transformer(cfg)
+        params = nn.meta.unbox(model.init(jax.random.key(0), prompt)["params"])
+        cache = init_cache(cfg, 2, 16)
+        first, cache = model.apply({"params": params}, prompt[:, :8], cache=cache)
+        second, _ = model.apply({"params": params}, prompt[:, 8:], cache=cache)
+        whole = model.apply({"params": params}, prompt)
+        np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-4)
+        logits[impl] = whole
+    np.testing.assert_allclose(logits["manual"], logits["xla"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_run_config_chooses_the_attention_and_refuses_an_unknown_one():
+    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+    assert run_lib.model_config(config).attention_impl == "manual"
+    config.model.attention_impl = "xla"
+    assert run_lib.model_config(config).attention_impl == "xla"
+    config.model.attention_impl = "flash"
+    with pytest.raises(ValueError, match="attention_impl='flash'; choose one of manual, xla"):
+        run_lib.model_config(config)
+    # A run saved before the setting existed reads as manual (equal numbers either way).
+    saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
+    del saved["model"]["attention_impl"]
+    assert run_lib.comparable(saved)["model"]["attention_impl"] == "manual"
