@@ -10,9 +10,9 @@ differentiating the plain einsum/softmax path (``attend_reference``), and less w
   every matmul is one batched matmul over contiguous [Q, K] / [S, K] tiles, forward and
   backward, instead of the transposes autodiff inserts around each einsum.
 
-Rows that see no key at all (padding: segment 0) come out as the reference's (the mean of the
-values) but pass no gradient back, which is what the loss gives them anyway (weight 0, and no
-other position attends to them).
+Rows that see no key at all (padding: segment 0) come out as zeros, where the plain path gives
+the mean of the values, and pass no gradient back. Nothing reads them: the loss weighs padding
+0 and no other position attends to it, so the loss and every gradient are the same.
 """
 
 from __future__ import annotations
@@ -68,26 +68,27 @@ def _attend_fwd(q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxQxS, dtype):
     s = jnp.einsum("bgrqk,bgsk->bgrqs", qh, kh, preferred_element_type=jnp.float32)
     s = jnp.where(mask_BxQxS[:, None, None], s, _NEG)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    # Kept in the compute type (as the plain path feeds them to the values' matmul).
-    p = (e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))).astype(dtype)
+    # Rows that see no key get probabilities 0 (not uniform), so masked entries are exactly 0
+    # everywhere and the backward pass needs no mask. Kept in the compute type, as the plain
+    # path feeds them to the values' matmul.
+    seen = jnp.any(mask_BxQxS, axis=-1)[:, None, None, :, None]
+    p = (e * (seen / jnp.sum(e, axis=-1, keepdims=True))).astype(dtype)
     oh = jnp.einsum("bgrqs,bgsk->bgrqk", p, vh)
-    return _unheads(oh), (qh, kh, vh, oh, p, mask_BxQxS)
+    return _unheads(oh), (qh, kh, vh, oh, p)
 
 
 def _attend_bwd(dtype, res, do_BxQxHxK):
-    qh, kh, vh, oh, p, mask_BxQxS = res
+    qh, kh, vh, oh, p = res
     doh = _heads(do_BxQxHxK, kh.shape[1]).astype(dtype)
     f32 = jnp.float32
     # rowsum(dP ⊙ P) = rowsum(dO ⊙ O): one pass over [Q, K] instead of one over [Q, S].
     delta = jnp.sum(doh.astype(f32) * oh.astype(f32), axis=-1, keepdims=True)
     dp = jnp.einsum("bgrqk,bgsk->bgrqs", doh, vh, preferred_element_type=f32)
-    # Masked entries pass no gradient (as through the reference's select). Their
-    # probabilities are already 0 except in rows that see no key, where they are uniform.
-    p = jnp.where(mask_BxQxS[:, None, None], p.astype(f32), 0.0)
-    ds = (p * (dp - delta)).astype(dtype)
+    # Masked entries pass no gradient (as through the reference's select): their P is 0.
+    ds = (p.astype(f32) * (dp - delta)).astype(dtype)
     dq = jnp.einsum("bgrqs,bgsk->bgrqk", ds, kh, preferred_element_type=f32)
     dk = jnp.einsum("bgrqs,bgrqk->bgsk", ds, qh, preferred_element_type=f32)
-    dv = jnp.einsum("bgrqs,bgrqk->bgsk", p.astype(dtype), doh, preferred_element_type=f32)
+    dv = jnp.einsum("bgrqs,bgrqk->bgsk", p, doh, preferred_element_type=f32)
     return (_unheads(dq).astype(qh.dtype), _kv_heads(dk).astype(kh.dtype),
             _kv_heads(dv).astype(vh.dtype), None)
 
