@@ -1,7 +1,8 @@
 """Train-step throughput and model FLOP utilisation, measured against this process's matmul peak.
 
     python -m loam.bench.train [--quick] [--runs mini,peer-a,small] [--steps N]
-                               [--variants 'loss_impl=logits;loss_impl=fused']
+                               [--variants 'attention_impl=xla;attention_impl=manual']
+                               [--interleave]
 
 Prints one JSON line per model (and variant), then one JSON object {"runs": [...], ...} as the
 last line. `--variants` measures ModelConfig settings side by side in one process (each line
@@ -13,9 +14,15 @@ page faults per step (see loam/__init__.py on huge pages). The step is the real 
 dispatched ahead: step i+1 is queued before step i's loss is fetched, as the training loop does.
 
 MFU = flops_per_token * tokens_per_s / matmul_peak, with flops_per_token from
-loam.model.sizes (6N + 12 L d T) and the peak the best 2048x2048 matmul seen here: float32 on
-the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, float32 weights) and the peak
-is the device's bfloat16 one.
+loam.model.sizes (6N + 12 L d T) and the peak the best 2048x2048 matmul seen in this process
+(measured before the first model and after each; the last line's MFU uses the highest):
+float32 on the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, float32 weights)
+and the peak is the device's bfloat16 one.
+
+`--interleave` (with --variants) builds every variant of a model first, then takes one step of
+each in turn, round after round, and gives each variant's step time relative to the first
+variant's in the same round (median, mean and its standard error): on a machine whose speed
+drifts between runs, the paired ratio is the figure to compare.
 """
 
 from __future__ import annotations
@@ -216,26 +223,28 @@ def main(argv=None) -> int:
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype != "float32":
         variants = [{"dtype": dtype, **v} for v in variants]
-    peak = perf.matmul_peak_flops(2048, 8, 2.0, dtype)
+    # The peak is measured before the first run and again after each model: this machine's
+    # speed drifts (other tenants, clocks), and MFU is against the highest figure seen, so a
+    # slow moment during one measurement can only lower the MFU, never raise it.
+    peaks = [perf.matmul_peak_flops(2048, 8, 2.0, dtype)]
     runs = []
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
         if args.interleave and len(variants) > 1:
-            results = interleaved(name, steps, peak, variants)
+            results = interleaved(name, steps, max(peaks), variants)
         else:
-            results = [bench_run(name, steps, peak, variant) for variant in variants]
+            results = [bench_run(name, steps, max(peaks), variant) for variant in variants]
         for run in results:
             runs.append(run)
             print(json.dumps(run), flush=True)
-    # The peak again, now that the machine is warm; MFU is against the higher of the two.
-    peak_after = perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0, dtype)
-    if peak_after > peak:
-        for run in runs:
-            run["mfu"] *= peak / peak_after
-            run["matmul_peak_flops"] = peak_after
-        peak = peak_after
+        peaks.append(perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0, dtype))
+    peak = max(peaks)
+    for run in runs:
+        run["mfu"] = run["flops_per_token"] * run["tokens_per_s"] / peak
+        run["matmul_peak_flops"] = peak
     print(json.dumps({
         "runs": runs, "matmul_peak_flops": peak, "matmul_peak_dtype": dtype,
+        "matmul_peak_samples": peaks,
         "devices": jax.device_count(),
         "platform": jax.devices()[0].platform, "jax": jax.__version__,
         "batches": "synthetic uniform random tokens, one segment per row",
