@@ -26,6 +26,29 @@ def test_train_bench_prints_runs_json(capsys):
     assert run["loss_last"] < run["loss_first"]  # the step trains
 
 
+def test_train_bench_interleaves_variants_with_paired_ratios(capsys):
+    assert bench_train.main(["--runs", "mini", "--steps", "3", "--interleave", "--variants",
+                             "attention_impl=xla;attention_impl=manual"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    xla, manual = last["runs"]
+    assert (xla["variant"], manual["variant"]) == ({"attention_impl": "xla"},
+                                                   {"attention_impl": "manual"})
+    assert xla["steps"] == manual["steps"] == 3
+    assert xla["vs_first"]["rounds"] == manual["vs_first"]["rounds"] == 3
+    assert xla["vs_first"]["step_time_ratio_median"] == 1.0
+    assert manual["vs_first"]["step_time_ratio_median"] > 0
+    assert manual["vs_first"]["step_time_ratio_se"] is not None
+    # Same model, same batches, same numbers whichever attention computes them.
+    assert abs(manual["loss_first"] - xla["loss_first"]) < 1e-4
+    assert abs(manual["loss_last"] - xla["loss_last"]) < 1e-3
+    # MFU is against the highest peak sampled in the process (before and after the model).
+    assert len(last["matmul_peak_samples"]) == 2
+    assert last["matmul_peak_flops"] == max(last["matmul_peak_samples"])
+    for run in last["runs"]:
+        assert run["mfu"] == pytest.approx(
+            run["flops_per_token"] * run["tokens_per_s"] / last["matmul_peak_flops"])
+
+
 def test_swarm_bench_matches_sequential_losses(capsys):
     bench_swarm.main(["--k", "2", "--size", "nano", "--seq_len", "32", "--batch_size", "8",
                       "--steps", "2"])
