@@ -60,7 +60,8 @@ _MAPPED = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "head_dim": "head_dim", "mlp_dim": "intermediate_size",
            "max_len": "max_position_embeddings", "tied_embeddings": "tie_word_embeddings",
            "rope_theta": "rope_theta", "remat": None, "dtype": None, "param_dtype": None,
-           "loss_impl": None, "scan_unroll": None, "attention_impl": None}
+           "loss_impl": None, "scan_unroll": None, "attention_impl": None,
+           "residuals": None}
 _CAUSAL_OBJECTIVES = ("causal",)
 
 

@@ -164,6 +164,7 @@ def _get(config, dotted: str):
 ADDED_LATER = {"mixing": {"method": "static"},
                "model.loss_impl": "fused",
                "model.attention_impl": "manual",
+               "model.residuals": "dots",
                "init": {"checkpoint": "", "carry": "params"},
                "data.replay": {"fraction": 0.0, "domains": [], "weights": "proportional"},
                "eval_dense": {"every": 1, "until": 0},
@@ -238,7 +239,8 @@ def model_config(config, vocab_size: int | None = None) -> ModelConfig:
         cfg, remat=config.model.remat, tied_embeddings=config.model.tied_embeddings,
         dtype=config.model.dtype, max_len=config.data.seq_len,
         loss_impl=config.model.get("loss_impl", "fused"),
-        attention_impl=config.model.get("attention_impl", "manual"))
+        attention_impl=config.model.get("attention_impl", "manual"),
+        residuals=config.model.get("residuals", "dots"))
 
 
 def build_model(config) -> Transformer:

@@ -1,4 +1,5 @@
-"""The attention core with its own VJP (loam.model.attention) computes the plain path's numbers.
+"""The attention core with its own VJP (loam.model.attention) computes the plain path's numbers,
+and so does a layer that keeps only its matmuls' outputs for the backward pass (residuals="dots").
 
 Checked against the einsum/softmax path under autodiff: outputs and the gradients of queries,
 keys and values on random inputs with packed segments, padding, bidirectional prefixes and
@@ -99,19 +100,26 @@ def _cfg(vocab, **kw):
     return dataclasses.replace(base, **kw)
 
 
-@pytest.mark.parametrize("objective", ["causal", "prefix_lm"])
-def test_model_loss_and_gradients_equal_the_autodiff_attention(batches, objective):
+@pytest.mark.parametrize("objective,ref,new", [
+    ("causal", {"attention_impl": "xla"}, {"attention_impl": "manual"}),
+    ("prefix_lm", {"attention_impl": "xla"}, {"attention_impl": "manual"}),
+    ("causal", {"residuals": "all"}, {"residuals": "dots"}),
+    ("prefix_lm", {"residuals": "all", "attention_impl": "xla"},
+     {"residuals": "dots", "attention_impl": "xla"}),
+    ("causal", {"residuals": "all"}, {"remat": True}),
+])
+def test_model_loss_and_gradients_equal_the_plain_path(batches, objective, ref, new):
     data, vocab = batches
     batch = data[objective][0]
-    xla = Transformer(_cfg(vocab, attention_impl="xla"))
-    manual = Transformer(_cfg(vocab, attention_impl="manual"))
-    params = nn.meta.unbox(xla.init(jax.random.key(0), batch["inputs"])["params"])
+    ref_model = Transformer(_cfg(vocab, **ref))
+    new_model = Transformer(_cfg(vocab, **new))
+    params = nn.meta.unbox(ref_model.init(jax.random.key(0), batch["inputs"])["params"])
 
     def grads(model):
         return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
                                 has_aux=True))(params)
 
-    (g_ref, aux_ref), (g_man, aux_man) = grads(xla), grads(manual)
+    (g_ref, aux_ref), (g_man, aux_man) = grads(ref_model), grads(new_model)
     for key in aux_ref:
         np.testing.assert_allclose(aux_man[key], aux_ref[key], rtol=1e-5, atol=1e-6)
     for (path, r), m in zip(jax.tree_util.tree_leaves_with_path(g_ref),
@@ -134,10 +142,10 @@ def _train(model, data):
     return losses
 
 
-def test_train_steps_equal_the_autodiff_attention_steps(batches):
+def test_train_steps_equal_the_plain_path_steps(batches):
     data, vocab = batches
-    ref = _train(Transformer(_cfg(vocab, attention_impl="xla")), data["causal"])
-    got = _train(Transformer(_cfg(vocab, attention_impl="manual")), data["causal"])
+    ref = _train(Transformer(_cfg(vocab, attention_impl="xla", residuals="all")), data["causal"])
+    got = _train(Transformer(_cfg(vocab)), data["causal"])  # the defaults: manual, dots
     np.testing.assert_allclose(got, ref, rtol=2e-5)
     assert ref[0] > ref[-1]  # it trained
 
@@ -148,8 +156,8 @@ def test_vmapped_update_equals_the_autodiff_attention_update(batches):
     optimizer = st.make_optimizer(st.lr_schedule("constant", 1e-2, 10, 0))
     causal = data["causal"]
     out = {}
-    for impl in ("xla", "manual"):
-        model = Transformer(_cfg(vocab, attention_impl=impl))
+    for impl, residuals in (("xla", "all"), ("manual", "dots")):
+        model = Transformer(_cfg(vocab, attention_impl=impl, residuals=residuals))
 
         def init(rng, model=model):
             params = nn.meta.unbox(model.init(rng, causal[0]["inputs"])["params"])
@@ -172,7 +180,7 @@ def test_decoding_with_a_cache_is_unchanged(batches):
     prompt = data["causal"][0]["inputs"][:2, :12]
     logits = {}
     for impl in ("xla", "manual"):
-        cfg = _cfg(vocab, attention_impl=impl)
+        cfg = _cfg(vocab, attention_impl=impl, residuals="all" if impl == "xla" else "dots")
         model = Transformer(cfg)
         params = nn.meta.unbox(model.init(jax.random.key(0), prompt)["params"])
         cache = init_cache(cfg, 2, 16)
@@ -196,3 +204,16 @@ def test_the_run_config_chooses_the_attention_and_refuses_an_unknown_one():
     saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
     del saved["model"]["attention_impl"]
     assert run_lib.comparable(saved)["model"]["attention_impl"] == "manual"
+
+
+def test_the_run_config_chooses_the_residuals_and_refuses_an_unknown_one():
+    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+    assert run_lib.model_config(config).residuals == "dots"
+    config.model.residuals = "all"
+    assert run_lib.model_config(config).residuals == "all"
+    config.model.residuals = "some"
+    with pytest.raises(ValueError, match="residuals='some'; choose one of dots, all"):
+        run_lib.model_config(config)
+    saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
+    del saved["model"]["residuals"]
+    assert run_lib.comparable(saved)["model"]["residuals"] == "dots"

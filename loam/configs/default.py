@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loam/model/attention.py) or "xla" (the plain einsum/softmax path under autodiff). Equal
     # within float rounding.
     c.model.attention_impl = "manual"
+    # What the backward pass keeps of each layer's forward pass (unless remat): "dots" (the
+    # weight matmuls' outputs; the rest is recomputed) or "all" (everything autodiff saves).
+    c.model.residuals = "dots"
 
     c.data = ml_collections.ConfigDict()
     # Domain name -> source, in the order of the domain ids: "bundled:NAME", "jsonl:GLOB",

@@ -28,6 +28,7 @@ Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("fused", "logits")
 ATTENTION_IMPLS = ("manual", "xla")
+RESIDUALS = ("dots", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ class ModelConfig:
     # "manual": the attention core with its own VJP (loam.model.attention); "xla": the plain
     # einsum/softmax path, differentiated by autodiff.
     attention_impl: str = "manual"
+    # What the backward pass keeps from each layer's forward pass when remat is off: "dots",
+    # the outputs of the weight matmuls (norms, rotary, SwiGLU and the attention core are
+    # recomputed in the backward pass, cheaper on a CPU than storing and re-reading them), or
+    # "all", everything autodiff saves. remat=True keeps only each layer's input.
+    residuals: str = "dots"
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -76,6 +82,8 @@ class ModelConfig:
                              f"{self.kv_heads} for grouped-query attention")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl={self.loss_impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
+        if self.residuals not in RESIDUALS:
+            raise ValueError(f"residuals={self.residuals!r}; choose one of {', '.join(RESIDUALS)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")
@@ -258,6 +266,17 @@ class Block(nn.Module):
         return constrain(x_BxLxD, ("batch", "length", "embed")), kv
 
 
+def _block(cfg: ModelConfig):
+    """The layer as the scan runs it: rematerialised whole (remat), or keeping only the weight
+    matmuls' outputs for the backward pass (residuals="dots"), or plain."""
+    if cfg.remat:
+        return nn.remat(Block, prevent_cse=False)
+    if cfg.residuals == "dots":
+        return nn.remat(Block, prevent_cse=False,
+                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return Block
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -292,8 +311,7 @@ class Transformer(nn.Module):
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
         mask_BxQxS = attention_mask(segment_ids, prefix)
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(_block(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                         unroll=min(cfg.scan_unroll, cfg.n_layers),
                         metadata_params={nn.PARTITION_NAME: "layers"})
@@ -347,8 +365,7 @@ class Transformer(nn.Module):
         causal_TxS = jnp.arange(slots)[None, :] <= query_slot_T[:, None]
         mask_BxTxS = valid_BxS[:, None, :] & causal_TxS[None]
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(_block(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         kv = {"key": cache["key"], "value": cache["value"]}
