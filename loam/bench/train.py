@@ -20,7 +20,7 @@ float32 on the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, 
 and the peak is the device's bfloat16 one.
 
 `--interleave` (with --variants) builds every variant of a model first, then takes one step of
-each in turn, round after round, and gives each variant's step time relative to the first
+each in turn, round after round (the order turning by one each round), and gives each variant's step time relative to the first
 variant's in the same round (median, mean and its standard error): on a machine whose speed
 drifts between runs, the paired ratio is the figure to compare.
 """
@@ -153,12 +153,14 @@ def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -
 
 def interleaved(name: str, steps: int, peak: float, variants: list[dict]) -> list[dict]:
     """All ``variants`` of one model built first, then timed in alternation, one step of each
-    per round, so that drift in the machine's speed (other tenants, clocks) falls on all of
-    them alike. Each result carries ``vs_first``: the median over rounds of its step time
+    per round in an order that turns every round, so that drift in the machine's speed (other
+    tenants, clocks) and the place in a round fall on all of them alike. Each result carries ``vs_first``: the median over rounds of its step time
     divided by the first variant's in the same round, with the standard error of that ratio."""
     runs = [_Run(name, steps, v) for v in variants]
-    for _ in range(steps):
-        for run in runs:
+    for r in range(steps):
+        # The order turns by one each round, so each variant takes each place in a round
+        # equally often: a step right after another program's runs slower or faster.
+        for run in runs[r % len(runs):] + runs[:r % len(runs)]:
             run.run(1)
     base = np.asarray(runs[0].step_times)
     out = []
