@@ -33,7 +33,7 @@ def test_train_bench_interleaves_variants_with_paired_ratios(capsys):
     xla, manual = last["runs"]
     assert (xla["variant"], manual["variant"]) == ({"attention_impl": "xla"},
                                                    {"attention_impl": "manual"})
-    assert xla["steps"] == manual["steps"] == 3
+    assert xla["steps"] == manual["steps"] == 6  # two recorded steps a round
     assert xla["vs_first"]["rounds"] == manual["vs_first"]["rounds"] == 3
     assert xla["vs_first"]["step_time_ratio_median"] == 1.0
     assert manual["vs_first"]["step_time_ratio_median"] > 0

@@ -152,10 +152,10 @@ def topology_devices(topology: Topology, backend: str) -> list:
 
 def model_config(size: str, vocab: int, tied: bool, remat: bool, dtype: str,
                  seq_len: int, loss_impl: str = "fused",
-                 attention_impl: str = "manual") -> ModelConfig:
+                 attention_impl: str = "manual", residuals: str = "dots") -> ModelConfig:
     return sizes.get_size(size, vocab, tied_embeddings=tied, remat=remat, dtype=dtype,
                           param_dtype="float32", max_len=seq_len, loss_impl=loss_impl,
-                          attention_impl=attention_impl)
+                          attention_impl=attention_impl, residuals=residuals)
 
 
 def abstract_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -294,6 +294,7 @@ def run_layout(cfg: ModelConfig, size: str, topology: Topology, backend: str, la
         "vocab": cfg.vocab_size, "tied_embeddings": cfg.tied_embeddings, "n_layers": cfg.n_layers,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat,
         "loss_impl": cfg.loss_impl, "attention_impl": cfg.attention_impl,
+        "residuals": cfg.residuals,
         "seq_len": seq_len, "batch": batch, "device_memory_bytes": device_memory,
         # The 6N + 12 L d T count for the whole batch, without rematerialisation.
         "model_flops_per_step": sizes.flops_per_token(cfg, seq_len) * batch * seq_len,
@@ -366,6 +367,9 @@ def main(argv=None) -> int:
     parser.add_argument("--attention_impl", default="manual", choices=("manual", "xla"),
                         help="the attention core: manual (its own VJP, the default) or xla "
                         "(the plain path under autodiff)")
+    parser.add_argument("--residuals", default="dots", choices=("dots", "all"),
+                        help="what the backward pass keeps of each layer without remat: the "
+                        "weight matmuls' outputs (dots, the default) or everything (all)")
     parser.add_argument("--remat", default="", choices=("", "true", "false"),
                         help="rematerialise each layer in the backward pass (default: on for "
                              "1b and 8b)")
@@ -392,7 +396,7 @@ def main(argv=None) -> int:
         remat = defaults.remat if not args.remat else args.remat == "true"
         cfg = model_config(args.size, args.vocab or defaults.vocab, defaults.tied, remat,
                            args.dtype or defaults.dtype, args.seq_len, args.loss_impl,
-                           args.attention_impl)
+                           args.attention_impl, args.residuals)
         if args.backend == "cpu-fake":
             _force_cpu_devices(topology.devices)
         else:

@@ -19,10 +19,12 @@ loam.model.sizes (6N + 12 L d T) and the peak the best 2048x2048 matmul seen in 
 float32 on the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, float32 weights)
 and the peak is the device's bfloat16 one.
 
-`--interleave` (with --variants) builds every variant of a model first, then takes one step of
-each in turn, round after round (the order turning by one each round), and gives each variant's step time relative to the first
-variant's in the same round (median, mean and its standard error): on a machine whose speed
-drifts between runs, the paired ratio is the figure to compare.
+`--interleave` (with --variants) builds every variant of a model first, then runs them in turn,
+round after round (the order turning by one each round): each turn is one unrecorded step, which
+brings the variant's buffers back after another program ran, and two recorded steps. Each variant's
+step time is reported relative to the first variant's in the same round (median, mean and its
+standard error): on a machine whose speed drifts between runs, the paired ratio is the figure to
+compare.
 """
 
 from __future__ import annotations
@@ -101,9 +103,10 @@ class _Run:
         self.faults = 0
         self.taken = 0
 
-    def run(self, steps: int) -> None:
+    def run(self, steps: int, record: bool = True) -> None:
         """``steps`` timed steps, dispatched ahead: step i+1 is queued before step i's loss is
-        read, as the training loop does."""
+        read, as the training loop does. ``record=False``: taken but not counted (a step that
+        brings this model's buffers back after another program ran)."""
         faults = perf.minor_faults()
         ready = [time.perf_counter()]
         batches = [self.batches[1 + (self.taken + i) % self.steps] for i in range(steps)]
@@ -115,9 +118,11 @@ class _Run:
             pending = metrics
         pending["loss"].block_until_ready()
         ready.append(time.perf_counter())
+        self.taken += steps
+        if not record:
+            return
         self.step_times.extend(np.diff(ready).tolist())
         self.faults += perf.minor_faults() - faults
-        self.taken += steps
         self.last_loss = float(pending["loss"])
 
     def result(self, peak: float) -> dict:
@@ -151,21 +156,28 @@ def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -
     return run.result(peak)
 
 
-def interleaved(name: str, steps: int, peak: float, variants: list[dict]) -> list[dict]:
-    """All ``variants`` of one model built first, then timed in alternation, one step of each
-    per round in an order that turns every round, so that drift in the machine's speed (other
-    tenants, clocks) and the place in a round fall on all of them alike. Each result carries ``vs_first``: the median over rounds of its step time
-    divided by the first variant's in the same round, with the standard error of that ratio."""
+def interleaved(name: str, steps: int, peak: float, variants: list[dict],
+                block: int = 2) -> list[dict]:
+    """All ``variants`` of one model built first, then timed in alternation: each round gives each
+    variant one unrecorded step and ``block`` recorded ones, in an order that turns every
+    round, so that drift in the machine's speed (other tenants, clocks) and the place in a
+    round fall on all of them alike. Each result carries ``vs_first``: the median over
+    rounds of its mean step time divided by the first variant's in the same round, with the
+    standard error of that ratio."""
     runs = [_Run(name, steps, v) for v in variants]
     for r in range(steps):
         # The order turns by one each round, so each variant takes each place in a round
         # equally often: a step right after another program's runs slower or faster.
         for run in runs[r % len(runs):] + runs[:r % len(runs)]:
-            run.run(1)
-    base = np.asarray(runs[0].step_times)
+            # One unrecorded step first: the step right after another program's pays for
+            # bringing this one's buffers back (page faults, caches), more for the variant
+            # with the larger footprint; the recorded steps are the steady state.
+            run.run(1, record=False)
+            run.run(block)
+    base = np.asarray(runs[0].step_times).reshape(steps, block).mean(axis=1)
     out = []
     for run in runs:
-        ratio = np.asarray(run.step_times) / base
+        ratio = np.asarray(run.step_times).reshape(steps, block).mean(axis=1) / base
         result = run.result(peak)
         result["vs_first"] = {"step_time_ratio_median": float(np.median(ratio)),
                               "step_time_ratio_mean": float(ratio.mean()),
