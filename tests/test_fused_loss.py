@@ -6,19 +6,20 @@ float32 and bfloat16, in chunks and whole; and the train step itself over severa
 with gradient accumulation, and vmapped as a swarm runs it.
 """
 
-import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numerics
 import numpy as np
 import pytest
+from numerics import small_config
 
 from loam import run as run_lib
 from loam import step as st
 from loam.configs import default
 from loam.model import loss as loss_lib
-from loam.model.transformer import ModelConfig, Transformer
+from loam.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,6 @@ def batches():
     out = [{k: jnp.asarray(v) for k, v in stream.batch(s).items()} for s in range(4)]
     vocab = run_lib.model_config(config).vocab_size
     return out, vocab
-
-
-def _cfg(vocab, **kw):
-    base = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                       mlp_dim=128, max_len=64, tied_embeddings=True)
-    return dataclasses.replace(base, **kw)
 
 
 def _reference(x, w, targets, a, b, tied):
@@ -94,8 +89,9 @@ def test_loss_sums_and_gradients_equal_the_full_logits_path(batches, tied, dtype
     batch = dict(data[0])
     batch["token_weights"] = jnp.asarray(
         np.random.default_rng(1).uniform(0.5, 1.5, batch["targets"].shape), jnp.float32)
-    logits_model = Transformer(_cfg(vocab, tied_embeddings=tied, dtype=dtype, loss_impl="logits"))
-    fused_model = Transformer(_cfg(vocab, tied_embeddings=tied, dtype=dtype, loss_impl="fused"))
+    logits_model, fused_model = (
+        Transformer(small_config(vocab, tied_embeddings=tied, dtype=dtype, loss_impl=impl))
+        for impl in ("logits", "fused"))
     params = nn.meta.unbox(logits_model.init(jax.random.key(0), batch["inputs"])["params"])
 
     def grads(model):
@@ -114,26 +110,12 @@ def test_loss_sums_and_gradients_equal_the_full_logits_path(batches, tied, dtype
     assert "unembed" in params or tied
 
 
-def _train(model, data, accum_steps=1):
-    optimizer = st.make_optimizer(st.lr_schedule("cosine", 3e-3, 10, 1))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
-                             ("data", "fsdp", "tensor"))
-    state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, 64, 8)
-    step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5, z_loss=1e-4,
-                              accum_steps=accum_steps)
-    losses = []
-    for batch in data:
-        state, metrics = step(state, batch)
-        losses.append(np.asarray(metrics["domain_loss_sum"]))
-        losses.append(float(metrics["loss"]))
-    return losses, state
-
-
 def test_train_steps_equal_the_full_logits_step_alone_and_accumulated(batches):
     data, vocab = batches
-    ref, ref_state = _train(Transformer(_cfg(vocab, loss_impl="logits")), data)
+    ref, ref_state = numerics.train(Transformer(small_config(vocab, loss_impl="logits")), data)
     for accum in (1, 2):
-        got, state = _train(Transformer(_cfg(vocab, loss_impl="fused")), data, accum)
+        got, state = numerics.train(Transformer(small_config(vocab, loss_impl="fused")), data,
+                                    accum)
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)
         # Adam divides by the gradient's own scale, so where a gradient is near zero (an
@@ -150,21 +132,8 @@ def test_train_steps_equal_the_full_logits_step_alone_and_accumulated(batches):
 def test_vmapped_update_equals_the_full_logits_update(batches):
     """A swarm vmaps the update over members: the custom VJP batches like the plain path."""
     data, vocab = batches
-    optimizer = st.make_optimizer(st.lr_schedule("constant", 1e-2, 10, 0))
-    out = {}
-    for impl in ("logits", "fused"):
-        model = Transformer(_cfg(vocab, loss_impl=impl))
-
-        def init(rng, model=model):
-            params = nn.meta.unbox(model.init(rng, data[0]["inputs"])["params"])
-            return st.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 opt_state=optimizer.init(params))
-
-        states = jax.vmap(init)(jax.random.split(jax.random.key(0), 3))
-        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *data[:3])
-        update = jax.jit(jax.vmap(lambda s, b, model=model: st.update(
-            s, b, model=model, optimizer=optimizer, num_domains=5, z_loss=1e-4)))
-        out[impl] = update(states, stacked)
+    out = {impl: numerics.vmapped_update(Transformer(small_config(vocab, loss_impl=impl)),
+                                         data) for impl in ("logits", "fused")}
     (s_ref, m_ref), (s_fused, m_fused) = out["logits"], out["fused"]
     np.testing.assert_allclose(m_fused["loss"], m_ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_fused["grad_norm"], m_ref["grad_norm"], rtol=1e-4)
@@ -172,17 +141,3 @@ def test_vmapped_update_equals_the_full_logits_update(batches):
                     jax.tree_util.tree_leaves(s_ref.params)):  # Adam's first step: see above
         np.testing.assert_allclose(g, r, rtol=0, atol=5e-4)
         assert np.mean(np.abs(np.asarray(g) - np.asarray(r)) <= 1e-5) > 0.999
-
-
-def test_the_run_config_chooses_the_loss_and_refuses_an_unknown_one():
-    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
-    assert run_lib.model_config(config).loss_impl == "fused"
-    config.model.loss_impl = "logits"
-    assert run_lib.model_config(config).loss_impl == "logits"
-    config.model.loss_impl = "chunked"
-    with pytest.raises(ValueError, match="loss_impl='chunked'; choose one of fused, logits"):
-        run_lib.model_config(config)
-    # A run saved before the setting existed resumes as fused (what it trained with).
-    saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
-    del saved["model"]["loss_impl"]
-    assert run_lib.comparable(saved)["model"]["loss_impl"] == "fused"

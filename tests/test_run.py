@@ -68,3 +68,23 @@ def test_save_config_keeps_every_edited_config(tmp_path):
     assert len(copies) == 2
     assert sorted(json.loads(p.read_text())["steps"] for p in copies) == [10, 20]
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 30
+
+
+@pytest.mark.parametrize("field,usual,other,unknown,choices", [
+    ("loss_impl", "fused", "logits", "chunked", "fused, logits"),
+    ("attention_impl", "manual", "xla", "flash", "manual, xla"),
+    ("residuals", "dots", "all", "some", "dots, all"),
+])
+def test_the_run_config_chooses_how_the_step_computes_and_refuses_an_unknown_way(
+        field, usual, other, unknown, choices):
+    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+    assert getattr(run_lib.model_config(config), field) == usual
+    config.model[field] = other
+    assert getattr(run_lib.model_config(config), field) == other
+    config.model[field] = unknown
+    with pytest.raises(ValueError, match=f"{field}='{unknown}'; choose one of {choices}"):
+        run_lib.model_config(config)
+    # A run saved before the setting existed reads as the default: equal numbers either way.
+    saved = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8").to_dict()
+    del saved["model"][field]
+    assert run_lib.comparable(saved)["model"][field] == usual

@@ -62,7 +62,7 @@ from jax.experimental import topologies
 from loam import step as st
 from loam.model import sharding as shd
 from loam.model import sizes
-from loam.model.transformer import ModelConfig, Transformer
+from loam.model.transformer import ATTENTION_IMPLS, LOSS_IMPLS, RESIDUALS, ModelConfig, Transformer
 
 GIB = 2**30
 
@@ -361,13 +361,13 @@ def main(argv=None) -> int:
                         help="global batch in sequences (0: one per device)")
     parser.add_argument("--vocab", type=int, default=0, help="0: the size's default")
     parser.add_argument("--dtype", default="", help="compute type (default: bfloat16)")
-    parser.add_argument("--loss_impl", default="fused", choices=("fused", "logits"),
+    parser.add_argument("--loss_impl", default="fused", choices=LOSS_IMPLS,
                         help="the training loss: fused (chunked output projection and "
                         "cross-entropy, the default) or logits (the full logits)")
-    parser.add_argument("--attention_impl", default="manual", choices=("manual", "xla"),
+    parser.add_argument("--attention_impl", default="manual", choices=ATTENTION_IMPLS,
                         help="the attention core: manual (its own VJP, the default) or xla "
                         "(the plain path under autodiff)")
-    parser.add_argument("--residuals", default="dots", choices=("dots", "all"),
+    parser.add_argument("--residuals", default="dots", choices=RESIDUALS,
                         help="what the backward pass keeps of each layer without remat: the "
                         "weight matmuls' outputs (dots, the default) or everything (all)")
     parser.add_argument("--remat", default="", choices=("", "true", "false"),

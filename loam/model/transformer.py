@@ -80,13 +80,11 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
                              f"{self.kv_heads} for grouped-query attention")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl={self.loss_impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
-        if self.residuals not in RESIDUALS:
-            raise ValueError(f"residuals={self.residuals!r}; choose one of {', '.join(RESIDUALS)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of "
-                             f"{', '.join(ATTENTION_IMPLS)}")
+        for field, choices in (("loss_impl", LOSS_IMPLS), ("attention_impl", ATTENTION_IMPLS),
+                               ("residuals", RESIDUALS)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of "
+                                 f"{', '.join(choices)}")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1")
         if self.head_size % 2:
