@@ -86,16 +86,21 @@ _quiet_closed_loop_callbacks()
 class _BackgroundSaveErrors(logging.Filter):
     """orbax logs the traceback of a background save that failed for want of disk space from
     each thread it passes through, then raises the same exception where the save is awaited;
-    loam turns that into a one-line error naming the fix, so the logged copies are dropped."""
+    loam turns that into a one-line error naming the fix, so the logged copies are dropped. So is
+    asyncio's report, when the process ends, of the other writes of that save gathered with the
+    failed one ("exception was never retrieved"): the same full disk, once more."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or not record.exc_info:
             return True
         path = record.pathname.replace(os.sep, "/")
-        return not ("orbax/checkpoint" in path and _is_disk_full(record.exc_info[1]))
+        source = "orbax/checkpoint" in path or (
+            record.name == "asyncio" and "never retrieved" in str(record.msg))
+        return not (source and _is_disk_full(record.exc_info[1]))
 
 
 logging.getLogger("absl").addFilter(_BackgroundSaveErrors())
+logging.getLogger("asyncio").addFilter(_BackgroundSaveErrors())
 
 
 def _everywhere(ok: bool) -> bool:

@@ -21,6 +21,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -36,7 +37,27 @@ if "tensorflow" not in sys.modules:
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
+from tensorboard.summary.writer import event_file_writer  # noqa: E402
 from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard writes events from a thread of its own. When a write fails there (a full
+    disk), the thread keeps the exception, which the writer raises again at its next write or
+    flush in the calling thread (where loam turns it into one `error:` line), and also lets it
+    escape, so Python prints its traceback to stderr. That printed copy is dropped."""
+    previous = threading.excepthook
+    writer_thread = getattr(event_file_writer, "_AsyncWriterThread", ())
+
+    def hook(args):
+        if isinstance(args.thread, writer_thread):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+
+
+_quiet_event_writer_threads()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, float]:

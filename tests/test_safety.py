@@ -195,6 +195,29 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over(tmp_path, capsy
     fresh.close()
 
 
+def test_an_unretrieved_full_disk_error_is_not_printed_and_others_are():
+    """A save that fills the disk leaves, besides the failure loam reports in one line, futures
+    of the same save whose ENOSPC nobody retrieved; asyncio logs each when it is collected. With
+    loam's checkpoint module loaded, those copies are dropped and any other exception still
+    prints with its traceback."""
+    code = """
+import asyncio, errno, gc, logging
+logging.basicConfig()
+import loam.checkpoint
+loop = asyncio.new_event_loop()
+for e in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("a real bug")):
+    f = loop.create_future()
+    f.set_exception(e)
+    del f
+    gc.collect()
+loop.close()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "never retrieved" in out.stderr and "a real bug" in out.stderr, out.stderr
+    assert "No space left" not in out.stderr, out.stderr
+
+
 # --------------------------------------------------------------------------- files
 
 def test_metrics_writer_repairs_a_partial_last_line(tmp_path):
