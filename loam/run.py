@@ -75,6 +75,14 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
+    if c.model.get("attention_impl") == "splash" and c.data.objective != "causal":
+        raise ConfigError(f"model.attention_impl='splash' is causal attention only, but "
+                          f"data.objective={c.data.objective!r} trains with a bidirectional "
+                          "prefix: use --config.model.attention_impl=manual for it")
+    if c.model.get("attention_impl") == "splash" and int(c.data.seq_len) % 128:
+        raise ConfigError(f"model.attention_impl='splash' tiles the sequence in blocks of 128, "
+                          f"but data.seq_len={c.data.seq_len}: use a multiple of 128, or "
+                          "--config.model.attention_impl=manual")
     dense = c.get("eval_dense")
     if dense is not None and (int(dense.get("every", 1)) < 1 or int(dense.get("until", 0)) < 0):
         raise ConfigError(f"eval_dense={dense.to_dict()}: every must be >= 1 and until >= 0 "

@@ -165,9 +165,13 @@ def current_lr(opt_state) -> jax.Array:
 
 # --------------------------------------------------------------------------- loss
 
-def _features(batch: Batch) -> dict:
-    return {"segment_ids": batch["segment_ids"], "positions": batch["positions"],
-            "prefix": batch["prefix"]}
+def _features(batch: Batch, model: nn.Module) -> dict:
+    """The batch's model inputs besides the tokens. A causal-only attention kernel (splash) gets
+    no prefix: the run config allows it for causal objectives alone, whose prefix is all 0."""
+    out = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
+    if getattr(getattr(model, "cfg", None), "attention_impl", "") != "splash":
+        out["prefix"] = batch["prefix"]
+    return out
 
 
 def _fused(model: nn.Module) -> bool:
@@ -179,7 +183,7 @@ def _projected(params, model: nn.Module, batch: Batch, a_BxL: jax.Array, b_BxL: 
     """(objective, nll_BxL, lse_BxL) through the fused output projection and loss."""
     cfg = cast(Any, model).cfg
     hidden_BxLxD = cast(jax.Array, model.apply({"params": params}, batch["inputs"],
-                                               hidden=True, **_features(batch)))
+                                               hidden=True, **_features(batch, model)))
     return loss_lib.projected_nll(hidden_BxLxD, output_matrix(cfg, params), batch["targets"],
                                   a_BxL, b_BxL, tied=cfg.tied_embeddings,
                                   dtype=cfg.compute_dtype)
@@ -190,7 +194,7 @@ def token_nll(params, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Ar
     logits whatever ``loss_impl`` says (the fused path's gradient exists only for the summed
     objective of `loss_sums`)."""
     logits_BxLxV = cast(jax.Array, model.apply(
-        {"params": params}, batch["inputs"], **_features(batch))).astype(jnp.float32)
+        {"params": params}, batch["inputs"], **_features(batch, model))).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     return lse_BxL - target_BxL, lse_BxL

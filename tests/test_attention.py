@@ -5,7 +5,8 @@ Checked against the einsum/softmax path under autodiff: outputs and the gradient
 keys and values on random inputs with packed segments, padding, bidirectional prefixes and
 grouped-query heads; then whole models on bundled-corpus batches (causal and prefix-LM): the loss,
 every parameter's gradient, four train steps, the vmapped update a swarm runs, and decoding with a
-cache.
+cache. The splash kernel (TPU's fused causal attention, run here by Pallas's interpreter) the same
+way, on causal batches, and on an 8-device mesh where it runs per device under shard_map.
 """
 
 
@@ -21,6 +22,7 @@ from loam import run as run_lib
 from loam import step as st
 from loam.configs import default
 from loam.model import attention as attn
+from loam.model import sharding as shd
 from loam.model.transformer import Transformer, attention_mask, init_cache
 
 
@@ -41,13 +43,13 @@ def _inputs(b, length, h, g, k, prefix, dtype=jnp.float32, seed=0):
     real = jnp.asarray(seg != 0)[:, :, None, None]
     # The loss gives padding rows no cotangent (weight 0, and nothing attends to them).
     do = jnp.where(real, jnp.asarray(rng.normal(size=(b, length, h, k)), dtype), 0)
-    return q, kk, v, mask, do, real
+    return q, kk, v, mask, do, real, jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("h,g,prefix", [(4, 4, False), (4, 2, True), (6, 1, False),
                                         (8, 2, False)])
 def test_attend_matches_the_autodiff_path(h, g, prefix):
-    q, k, v, mask, do, real = _inputs(3, 24, h, g, 8, prefix)
+    q, k, v, mask, do, real, _ = _inputs(3, 24, h, g, 8, prefix)
     out_ref, vjp_ref = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
     out, vjp = jax.vjp(lambda *a: attn.attend(*a, mask, jnp.float32), q, k, v)
     np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, out_ref, 0), rtol=1e-5,
@@ -64,7 +66,7 @@ def test_attend_matches_the_autodiff_path(h, g, prefix):
 
 def test_attend_in_bfloat16_is_as_close_to_float32_as_the_autodiff_path():
     """bfloat16 rounds the operands; the manual VJP must not add error beyond the plain path's."""
-    q, k, v, mask, do, real = _inputs(2, 32, 4, 2, 16, True)
+    q, k, v, mask, do, real, _ = _inputs(2, 32, 4, 2, 16, True)
     exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     dob = do.astype(jnp.bfloat16)
@@ -160,3 +162,85 @@ def test_decoding_with_a_cache_is_unchanged(batches):
         np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-4)
         logits[impl] = whole
     np.testing.assert_allclose(logits["manual"], logits["xla"], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- splash (interpreted)
+
+@pytest.mark.parametrize("h,g", [(4, 4), (4, 2), (3, 1)])
+def test_splash_kernel_matches_the_autodiff_path(h, g):
+    """Causal attention within packed segments over three 128-blocks (so blocks above the
+    diagonal are skipped): outputs of real rows and dq/dk/dv, against the plain path."""
+    q, k, v, mask, do, real, seg = _inputs(2, 384, h, g, 32, prefix=False)
+    ref_out, ref_vjp = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    out, vjp = jax.vjp(lambda *a: attn.attend_splash(*a, seg, jnp.float32), q, k, v)
+    np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, ref_out, 0), atol=2e-5)
+    for got, want in zip(vjp(do), ref_vjp(do), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.fixture(scope="module")
+def causal_128():
+    """Bundled-corpus causal batches of 8 x 128 tokens (the splash kernel's block is 128)."""
+    config = default.get_config("size=nano,steps=10,seq_len=128,batch_size=8")
+    stream = run_lib.build_stream(config)
+    return stream, run_lib.model_config(config).vocab_size
+
+
+def test_splash_model_loss_and_gradients_equal_the_manual_path(causal_128):
+    stream, vocab = causal_128
+    batch = {k: jnp.asarray(v) for k, v in stream.batch(0).items()}
+    ref = Transformer(small_config(vocab, max_len=128))
+    new = Transformer(small_config(vocab, max_len=128, attention_impl="splash"))
+    params = nn.meta.unbox(ref.init(jax.random.key(0), batch["inputs"])["params"])
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
+                                has_aux=True))(params)
+
+    (g_ref, aux_ref), (g_new, aux_new) = grads(ref), grads(new)
+    for key in aux_ref:
+        np.testing.assert_allclose(aux_new[key], aux_ref[key], rtol=1e-5, atol=1e-6)
+    for (path, r), m in zip(jax.tree_util.tree_leaves_with_path(g_ref),
+                            jax.tree_util.tree_leaves(g_new), strict=True):
+        scale = float(jnp.max(jnp.abs(r)))
+        assert float(jnp.max(jnp.abs(m - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def test_splash_train_steps_on_an_8_device_mesh_equal_the_manual_path(causal_128):
+    """Rows over data x fsdp and heads over tensor (2 x 2 x 2): the kernel runs per device."""
+    stream, vocab = causal_128
+    mesh = shd.make_mesh(2, 2, 2)
+    losses = {}
+    for impl in ("manual", "splash"):
+        model = Transformer(small_config(vocab, max_len=128, attention_impl=impl))
+        optimizer = st.make_optimizer(st.lr_schedule("cosine", 3e-3, 10, 1))
+        state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, 128, 8)
+        step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5, z_loss=1e-4)
+        losses[impl] = []
+        for s in range(3):
+            state, metrics = step(state, shd.shard_batch(stream.batch(s), mesh))
+            losses[impl].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses["splash"], losses["manual"], rtol=2e-5)
+    assert losses["manual"][0] > losses["manual"][-1]  # it trained
+
+
+def test_splash_refuses_what_it_cannot_compute(causal_128):
+    stream, vocab = causal_128
+    batch = stream.batch(0)
+    model = Transformer(small_config(vocab, max_len=128, attention_impl="splash"))
+    with pytest.raises(ValueError, match="causal attention only .* without prefix"):
+        model.init(jax.random.key(0), batch["inputs"], prefix=batch["prefix"])
+    with pytest.raises(ValueError, match="sequence is 64 long: use a multiple of 128"):
+        model.init(jax.random.key(0), batch["inputs"][:, :64])
+    # The run config says so before anything runs: a prefix objective, a length it cannot tile.
+    for override, needle in (("objective", "data.objective='prefix_lm' trains with a "
+                                           "bidirectional prefix"),
+                             ("seq_len", "data.seq_len=192: use a multiple of 128")):
+        config = default.get_config("size=nano,steps=10,seq_len=128,batch_size=8")
+        config.model.attention_impl = "splash"
+        if override == "objective":
+            config.data.objective = "prefix_lm"
+        else:
+            config.data.seq_len = 192
+        with pytest.raises(run_lib.ConfigError, match=needle):
+            run_lib.resolve_config(config)

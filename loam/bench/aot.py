@@ -14,7 +14,9 @@ model compiles for 256 chips in a few GB of host memory. For each layout it prin
 per-device memory (arguments, outputs, temporaries, the donated bytes that outputs reuse), the
 FLOPs of one step on one device (``cost_analysis``; the scanned layer body is one loop), the
 collectives in the compiled program (counted once each where they appear in its text, so one
-inside the layer loop counts once), and whether it fits the chip's memory. XLA's cost analysis
+inside the layer loop counts once), the custom kernels in it (``kernels``: Mosaic calls, e.g.
+the splash attention's forward and backward passes under ``--attention_impl splash``), and
+whether it fits the chip's memory. XLA's cost analysis
 counts the body of the layer loop once, not once per layer, so ``flops_per_device`` is below
 the model's count (``model_flops_per_device``, 6N + 12 L d T per token) by about the other
 layers' share. The last line is one
@@ -36,7 +38,8 @@ message). libtpu lives in its own environment, so the main one and CI never load
 **cpu-fake** (``--backend cpu-fake``): the same shardings over as many host CPU devices as the
 topology has chips (``--xla_force_host_platform_device_count``, set here unless XLA_FLAGS already
 names a count): the partitioned program and its collectives are real, but the memory is what
-XLA:CPU allocates (other fusion and layouts than a TPU's). Labelled ``backend: "cpu-fake"``.
+XLA:CPU allocates (other fusion and layouts than a TPU's), and a splash kernel is Pallas's
+interpreter. Labelled ``backend: "cpu-fake"``.
 
 ``--compile_scaling`` also compiles the model's width at 4 and 24 layers and reports the ratio of
 the two compile times (the layers are one ``nn.scan``, so depth should cost little compile time).
@@ -225,6 +228,12 @@ _TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds availa
                           r"\(([\d.]+)([KMGT]?)\)")
 
 
+def kernels(hlo_text: str) -> int:
+    """Custom kernels compiled into the program (Pallas's Mosaic calls on a TPU: the splash
+    attention's forward and backward passes), as opposed to ops XLA fuses by itself."""
+    return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
+
+
 def _bytes(number: str, unit: str) -> int:
     return int(float(number) * 1024 ** " KMGT".index(unit or " "))
 
@@ -310,9 +319,10 @@ def run_layout(cfg: ModelConfig, size: str, topology: Topology, backend: str, la
         run.update(oom, fits=False)
         return run
     mem = memory(compiled)
+    text = compiled.as_text()
     run.update(memory=mem, per_device_bytes=mem["total"], fits=mem["total"] <= device_memory,
-               flops_per_device=flops(compiled),
-               collectives=collectives(compiled.as_text()))
+               flops_per_device=flops(compiled), collectives=collectives(text),
+               kernels=kernels(text))
     return run
 
 
@@ -337,7 +347,8 @@ def _summary(run: dict) -> str:
             f"{m['temporaries'] / GIB:.2f}, outputs {m['outputs'] / GIB:.2f}, aliased "
             f"{m['aliased'] / GIB:.2f}) of {run['device_memory_bytes'] / GIB:.0f} GiB: "
             f"{'fits' if run['fits'] else 'does NOT fit'}; "
-            f"{'?' if flop is None else f'{flop:.3e}'} FLOPs/step/device; collectives: {found}")
+            f"{'?' if flop is None else f'{flop:.3e}'} FLOPs/step/device; collectives: {found}"
+            f"; kernels: {run['kernels']}")
 
 
 def _force_cpu_devices(count: int) -> None:
@@ -365,8 +376,9 @@ def main(argv=None) -> int:
                         help="the training loss: fused (chunked output projection and "
                         "cross-entropy, the default) or logits (the full logits)")
     parser.add_argument("--attention_impl", default="manual", choices=ATTENTION_IMPLS,
-                        help="the attention core: manual (its own VJP, the default) or xla "
-                        "(the plain path under autodiff)")
+                        help="the attention core: manual (its own VJP, the default), xla "
+                        "(the plain path under autodiff) or splash (the TPU's fused causal "
+                        "kernel; seq_len a multiple of 128)")
     parser.add_argument("--residuals", default="dots", choices=RESIDUALS,
                         help="what the backward pass keeps of each layer without remat: the "
                         "weight matmuls' outputs (dots, the default) or everything (all)")

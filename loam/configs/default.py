@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss). Equal within float rounding.
     c.model.loss_impl = "fused"
     # The attention core: "manual" (its own VJP, head-major batched matmuls;
-    # loam/model/attention.py) or "xla" (the plain einsum/softmax path under autodiff). Equal
+    # loam/model/attention.py), "xla" (the plain einsum/softmax path under autodiff) or "splash"
+    # (TPU's fused causal kernel; causal objective only; interpreted, slowly, off TPU). Equal
     # within float rounding.
     c.model.attention_impl = "manual"
     # What the backward pass keeps of each layer's forward pass (unless remat): "dots" (the

@@ -13,14 +13,24 @@ differentiating the plain einsum/softmax path (``attend_reference``), and less w
 Rows that see no key at all (padding: segment 0) come out as zeros, where the plain path gives
 the mean of the values, and pass no gradient back. Nothing reads them: the loss weighs padding
 0 and no other position attends to it, so the loss and every gradient are the same.
+
+``attend_splash`` is causal attention within segments by TPU's splash-attention kernel (Pallas:
+blocks above the diagonal are skipped, the [Q, S] scores never reach HBM). It knows no
+bidirectional prefix, so a model using it trains causal objectives only. Elsewhere than on a TPU
+the same kernel runs in Pallas's interpreter (slow; for checking the numbers on a CPU).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+from loam.model.sharding import BATCH_AXES
 
 Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
@@ -102,3 +112,54 @@ def attend(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxQxS: Arr
     multiple of G), ``mask_BxQxS`` True where a query sees a key; the queries carry their
     scale. Scores and softmax in float32, matmul operands in ``dtype``."""
     return _attend(q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxQxS, jnp.dtype(dtype))
+
+
+# The splash kernel's tile edge: the largest of these dividing the sequence (a multiple of 128).
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def _splash_kernel(length: int, heads: int, interpret: bool):
+    if length % SPLASH_BLOCKS[-1]:
+        raise ValueError(f"attention_impl='splash' tiles the sequence in blocks of "
+                         f"{SPLASH_BLOCKS[-1]} (the TPU's lane width), but the sequence is "
+                         f"{length} long: use a multiple of {SPLASH_BLOCKS[-1]} "
+                         "(data.seq_len), or attention_impl='manual'")
+    block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                  interpret=interpret)
+
+
+def attend_splash(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, segment_ids_BxL: Array,
+                  dtype) -> Array:
+    """Causal softmax(q kᵀ) v within segments (a query sees the keys of its own segment up to
+    itself) by the splash-attention kernel; shapes as ``attend``, queries carrying their scale.
+    Padding (segment 0) attends to padding, which nothing reads. Under an active mesh the kernel
+    runs per device (shard_map): rows over the batch axes, heads over "tensor" when both head
+    counts divide by it."""
+    b, length, h, _ = q_BxQxHxK.shape
+    g = k_BxSxGxK.shape[2]
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    kernel = _splash_kernel(length, h, interpret=platform != "tpu")
+
+    def run(q_BxHxQxK, k_BxGxSxK, v_BxGxSxK, seg_BxL):
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
+            q_BxHxQxK, k_BxGxSxK, v_BxGxSxK, seg_BxL)
+
+    q = q_BxQxHxK.astype(dtype).transpose(0, 2, 1, 3)
+    k = k_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+    v = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+    seg = segment_ids_BxL.astype(jnp.int32)
+    if not mesh.empty:
+        rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        t = mesh.shape["tensor"]
+        batch = BATCH_AXES if b % rows == 0 else None
+        heads = "tensor" if h % t == 0 and g % t == 0 else None
+        spec = P(batch, heads, None, None)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+                            out_specs=spec, check_vma=False)
+    return run(q, k, v, seg).transpose(0, 2, 1, 3)

@@ -27,7 +27,7 @@ from loam.model import attention as attn_lib
 Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("fused", "logits")
-ATTENTION_IMPLS = ("manual", "xla")
+ATTENTION_IMPLS = ("manual", "xla", "splash")
 RESIDUALS = ("dots", "all")
 
 
@@ -57,7 +57,8 @@ class ModelConfig:
     # by this factor (n_layers: fully unrolled, no stacked residual buffers).
     scan_unroll: int = 1
     # "manual": the attention core with its own VJP (loam.model.attention); "xla": the plain
-    # einsum/softmax path, differentiated by autodiff.
+    # einsum/softmax path, differentiated by autodiff; "splash": TPU's fused causal kernel
+    # (interpreted elsewhere), causal attention only: the model then refuses a prefix.
     attention_impl: str = "manual"
     # What the backward pass keeps from each layer's forward pass when remat is off: "dots",
     # the outputs of the weight matmuls (norms, rotary, SwiGLU and the attention core are
@@ -178,7 +179,9 @@ class Attention(nn.Module):
                  kv: dict | None = None, index: Array | None = None):
         """Attention output; with a layer's cache ``kv`` ({"key", "value"}: B x S x G x K), the
         new keys and values are written at slot ``index`` and the queries attend over the whole
-        cache (``mask_BxQxS`` over its S slots): returns (output, updated kv)."""
+        cache (``mask_BxQxS`` over its S slots): returns (output, updated kv). For the splash
+        kernel without a cache, ``mask_BxQxS`` is the segment ids [B, L] (the kernel masks
+        causally by itself)."""
         cfg = self.cfg
         d, h, kvh, k = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         dt = cfg.compute_dtype
@@ -209,7 +212,10 @@ class Attention(nn.Module):
                       kv["value"].dtype), start)}
             k_BxLxGxK, v_BxLxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # L -> S slots
 
-        if cfg.attention_impl == "manual":
+        if cfg.attention_impl == "splash" and kv is None:
+            out_BxLxHxK = attn_lib.attend_splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS,
+                                                 dt)
+        elif cfg.attention_impl in ("manual", "splash"):  # splash decodes over the cache here
             out_BxLxHxK = attn_lib.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS, dt)
         else:
             out_BxLxHxK = attn_lib.attend_reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
@@ -297,6 +303,10 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones((b, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        if cfg.attention_impl == "splash" and prefix is not None:
+            raise ValueError("attention_impl='splash' is causal attention only and cannot honour "
+                             "a bidirectional prefix: call the model without prefix (a causal "
+                             "objective), or use attention_impl='manual'")
         if prefix is None:
             prefix = jnp.zeros((b, length), jnp.int32)
 
@@ -307,7 +317,9 @@ class Transformer(nn.Module):
         table_VxD = constrain(embedding_VxD, (None, None))
         x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
-        mask_BxQxS = attention_mask(segment_ids, prefix)
+        # The splash kernel masks causally within segments by itself: it takes the segment ids.
+        mask_BxQxS = (segment_ids if cfg.attention_impl == "splash"
+                      else attention_mask(segment_ids, prefix))
 
         stack = nn.scan(_block(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,

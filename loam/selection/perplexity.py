@@ -58,7 +58,7 @@ class DocumentLoss:
         @jax.jit
         def token_nll(params, b):
             logits = model.apply({"params": params}, b["inputs"], segment_ids=b["segment_ids"],
-                                 positions=b["positions"], prefix=b["prefix"])
+                                 positions=b["positions"])  # causal: no prefix
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))
             nll = -jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
             return nll * (b["segment_ids"] > 0)
@@ -80,7 +80,7 @@ class DocumentLoss:
         for lo in range(0, len(chunks), B):
             rows = chunks[lo:lo + B]
             b = {k: np.zeros((B, L), np.int32) for k in
-                 ("inputs", "targets", "segment_ids", "positions", "prefix")}
+                 ("inputs", "targets", "segment_ids", "positions")}
             for r, (_, c) in enumerate(rows):
                 n = len(c)
                 b["targets"][r, :n] = c
