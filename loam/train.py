@@ -17,6 +17,8 @@ fetched.
 from __future__ import annotations
 
 import math
+import pathlib
+import shutil
 import signal
 import time
 
@@ -34,7 +36,7 @@ from loam.data import curriculum
 from loam.mixing.online import doremi, rounds
 from loam.mixing.online.output import OutputMixture
 from loam.model import sharding, sizes
-from loam.workdir import save_config, workdir_lock
+from loam.workdir import LOCK_FILE, save_config, workdir_lock
 
 
 class TrainingError(cli.UserError):
@@ -135,12 +137,27 @@ def train(config, workdir: paths.PathLike) -> dict | None:
         # is created; a run resuming its own checkpoints keeps the init it started with.
         resuming = _has_checkpoints(paths.Path(workdir) / "checkpoints")
         config = run_lib.resolve_init(config, workdir, resuming=resuming)
+        created = paths.is_local(workdir) and not paths.exists(workdir)
         run = paths.mkdir(workdir)
-        with workdir_lock(run):
-            _check_resume(config, run)
-            return _train(config, run, notes, preemption)
+        try:
+            with workdir_lock(run):
+                _check_resume(config, run)
+                return _train(config, run, notes, preemption)
+        except BaseException:
+            if created:
+                _remove_if_unused(run)
+            raise
     finally:
         preemption.restore()
+
+
+def _remove_if_unused(run) -> None:
+    """A run directory this command created and that holds no file but its lock (a config
+    error found while building the model or data): removed, so a failed start leaves nothing
+    behind. One holding anything else (metrics, a checkpoint) is kept."""
+    root = pathlib.Path(run)
+    if all(p.is_dir() or p.name == LOCK_FILE for p in root.rglob("*")):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _train(config, workdir: paths.epath.Path, notes: list,

@@ -310,7 +310,7 @@ def test_train_refuses_a_workdir_in_use(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["missing", "syntax", "arg", "key", "type", "list", "json_arg",
-                                  "required"])
+                                  "required", "size"])
 def test_config_errors_are_one_line(tmp_path, case):
     default = "loam/configs/default.py"
     broken = tmp_path / "broken.py"
@@ -330,11 +330,31 @@ def test_config_errors_are_one_line(tmp_path, case):
                  ["--config.data.domains", '["code","docs"]']),
         "json_arg": ([f"--config={config_json}:steps=3"], ["takes no ':steps=3'"]),
         "required": ([f"--config={default}"], ["--workdir is required"]),
+        # Found only when the model is built, after the run directory was made: it goes again.
+        "size": ([f"--config={default}", "--config.model.size=huge"],
+                 ["unknown model size 'huge'"]),
     }[case]
     workdir = [] if case == "required" else [f"--workdir={tmp_path / 'w'}"]
     proc = run_cli("loam.train", *args, *workdir)
     assert_one_error(proc, *needles)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.e2e
+def test_a_failed_start_leaves_a_directory_the_user_made(tmp_path):
+    """Only a run directory the failed command created is taken away: one that was there
+    before (empty, or holding the user's files) stays as it was."""
+    default = "loam/configs/default.py"
+    for contents in ({}, {"notes.txt": "mine"}):
+        w = tmp_path / f"w{len(contents)}"
+        w.mkdir()
+        for name, text in contents.items():
+            (w / name).write_text(text)
+        proc = run_cli("loam.train", f"--config={default}", "--config.model.size=huge",
+                       f"--workdir={w}")
+        assert_one_error(proc, "unknown model size 'huge'")
+        assert w.is_dir()
+        assert {p.name: p.read_text() for p in w.iterdir() if p.name != ".lock"} == contents
 
 
 def _config_main(*argv):
