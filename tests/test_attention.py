@@ -107,20 +107,24 @@ def batches():
 ])
 def test_model_loss_and_gradients_equal_the_plain_path(batches, objective, ref, new):
     data, vocab = batches
-    batch = data[objective][0]
-    ref_model = Transformer(small_config(vocab, **ref))
-    new_model = Transformer(small_config(vocab, **new))
+    _assert_same_loss_and_gradients(Transformer(small_config(vocab, **ref)),
+                                    Transformer(small_config(vocab, **new)), data[objective][0])
+
+
+def _assert_same_loss_and_gradients(ref_model, new_model, batch):
+    """loss_sums' aux sums and every parameter's gradient (within 1e-5 of its scale) of two
+    models from the same parameters."""
     params = nn.meta.unbox(ref_model.init(jax.random.key(0), batch["inputs"])["params"])
 
     def grads(model):
         return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
                                 has_aux=True))(params)
 
-    (g_ref, aux_ref), (g_man, aux_man) = grads(ref_model), grads(new_model)
+    (g_ref, aux_ref), (g_new, aux_new) = grads(ref_model), grads(new_model)
     for key in aux_ref:
-        np.testing.assert_allclose(aux_man[key], aux_ref[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(aux_new[key], aux_ref[key], rtol=1e-5, atol=1e-6)
     for (path, r), m in zip(jax.tree_util.tree_leaves_with_path(g_ref),
-                            jax.tree_util.tree_leaves(g_man), strict=True):
+                            jax.tree_util.tree_leaves(g_new), strict=True):
         scale = float(jnp.max(jnp.abs(r)))
         assert scale > 0, jax.tree_util.keystr(path)
         assert float(jnp.max(jnp.abs(m - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
@@ -189,21 +193,9 @@ def causal_128():
 def test_splash_model_loss_and_gradients_equal_the_manual_path(causal_128):
     stream, vocab = causal_128
     batch = {k: jnp.asarray(v) for k, v in stream.batch(0).items()}
-    ref = Transformer(small_config(vocab, max_len=128))
-    new = Transformer(small_config(vocab, max_len=128, attention_impl="splash"))
-    params = nn.meta.unbox(ref.init(jax.random.key(0), batch["inputs"])["params"])
-
-    def grads(model):
-        return jax.jit(jax.grad(lambda p: st.loss_sums(p, model, batch, 5, 1e-3),
-                                has_aux=True))(params)
-
-    (g_ref, aux_ref), (g_new, aux_new) = grads(ref), grads(new)
-    for key in aux_ref:
-        np.testing.assert_allclose(aux_new[key], aux_ref[key], rtol=1e-5, atol=1e-6)
-    for (path, r), m in zip(jax.tree_util.tree_leaves_with_path(g_ref),
-                            jax.tree_util.tree_leaves(g_new), strict=True):
-        scale = float(jnp.max(jnp.abs(r)))
-        assert float(jnp.max(jnp.abs(m - r))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+    _assert_same_loss_and_gradients(
+        Transformer(small_config(vocab, max_len=128)),
+        Transformer(small_config(vocab, max_len=128, attention_impl="splash")), batch)
 
 
 def test_splash_train_steps_on_an_8_device_mesh_equal_the_manual_path(causal_128):
