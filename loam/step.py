@@ -292,12 +292,61 @@ class OnMesh:
             return self.jitted(*args)
 
 
+def gradients(params, batch: Batch, *, model: nn.Module, num_domains: int, z_loss: float = 0.0,
+              accum_steps: int = 1, mesh: Mesh | None = None, reference_params: Any = None,
+              reference_model: nn.Module | None = None) -> tuple[Any, dict]:
+    """The first half of `update`: the gradient of the summed objective and the aux sums
+    (`loss_sums`), accumulated over ``accum_steps`` microbatches; `apply_gradients` is the
+    second half. A swarm on CPU maps this half over its members one at a time and vmaps the
+    other, elementwise one over all of them at once."""
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    if accum_steps > 1 and mesh is None:
+        raise ValueError("gradient accumulation needs the mesh its microbatches are spread over")
+    reference = (None if reference_params is None
+                 else (model if reference_model is None else reference_model, reference_params))
+    return _gradients(params, model, batch, num_domains, z_loss, accum_steps, mesh, reference)
+
+
+def apply_gradients(state: TrainState, grads, aux: dict, *,
+                    optimizer: optax.GradientTransformation, z_loss: float = 0.0,
+                    alive: jax.Array | None = None) -> tuple[TrainState, dict]:
+    """The second half of `update`: normalise the summed gradient by the token count, step
+    the optimizer, and report the metrics (with the freeze mask when ``alive`` is given, and
+    the z-loss when ``z_loss`` is on)."""
+    denom = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": aux["loss_sum"] / denom,
+        "tokens": aux["tokens"],
+        "domain_loss_sum": aux["domain_loss_sum"],
+        "domain_tokens": aux["domain_tokens"],
+        "grad_norm": optax.global_norm(grads),
+        "lr": current_lr(opt_state),
+    }
+    if z_loss:
+        metrics["z_loss"] = aux["z_loss_sum"] / denom
+    if "domain_excess_sum" in aux:
+        metrics["domain_excess_sum"] = aux["domain_excess_sum"]
+    if alive is None:
+        params = optax.apply_updates(state.params, updates)
+    else:
+        ok = (alive & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(optax.global_norm(updates)))
+        params = jax.tree_util.tree_map(
+            lambda p, u: (p + jnp.where(ok, u, 0)).astype(p.dtype), state.params, updates)
+        metrics["alive"] = ok
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def update(state: TrainState, batch: Batch, *, model: nn.Module,
            optimizer: optax.GradientTransformation, num_domains: int, z_loss: float = 0.0,
            accum_steps: int = 1, mesh: Mesh | None = None, alive: jax.Array | None = None,
            reference_params: Any = None, reference_model: nn.Module | None = None
            ) -> tuple[TrainState, dict]:
-    """One optimizer update; pure, so it can be jitted (a run) or vmapped (a swarm).
+    """One optimizer update; pure, so it can be jitted (a run) or vmapped (a swarm):
+    `gradients`, then `apply_gradients`.
 
     metrics: loss (mean over weighted tokens, without z-loss), tokens, domain_loss_sum and
     domain_tokens ([num_domains]), grad_norm (before clipping), lr (of this update), z_loss.
@@ -313,38 +362,10 @@ def update(state: TrainState, batch: Batch, *, model: nn.Module,
     The mask is one select fused into the parameter update; a frozen member's optimizer moments
     are left as the update made them (never read again: a frozen member never un-freezes).
     """
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    if accum_steps > 1 and mesh is None:
-        raise ValueError("gradient accumulation needs the mesh its microbatches are spread over")
-    reference = (None if reference_params is None
-                 else (model if reference_model is None else reference_model, reference_params))
-    grads, aux = _gradients(state.params, model, batch, num_domains, z_loss, accum_steps, mesh,
-                            reference)
-    denom = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {
-        "loss": aux["loss_sum"] / denom,
-        "tokens": aux["tokens"],
-        "domain_loss_sum": aux["domain_loss_sum"],
-        "domain_tokens": aux["domain_tokens"],
-        "grad_norm": optax.global_norm(grads),
-        "lr": current_lr(opt_state),
-    }
-    if z_loss:
-        metrics["z_loss"] = aux["z_loss_sum"] / denom
-    if reference is not None:
-        metrics["domain_excess_sum"] = aux["domain_excess_sum"]
-    if alive is None:
-        params = optax.apply_updates(state.params, updates)
-    else:
-        ok = (alive & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-              & jnp.isfinite(optax.global_norm(updates)))
-        params = jax.tree_util.tree_map(
-            lambda p, u: (p + jnp.where(ok, u, 0)).astype(p.dtype), state.params, updates)
-        metrics["alive"] = ok
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grads, aux = gradients(state.params, batch, model=model, num_domains=num_domains,
+                           z_loss=z_loss, accum_steps=accum_steps, mesh=mesh,
+                           reference_params=reference_params, reference_model=reference_model)
+    return apply_gradients(state, grads, aux, optimizer=optimizer, z_loss=z_loss, alive=alive)
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,

@@ -51,7 +51,7 @@ def test_train_bench_interleaves_variants_with_paired_ratios(capsys):
 
 def test_swarm_bench_matches_sequential_losses(capsys):
     bench_swarm.main(["--k", "2", "--size", "nano", "--seq_len", "32", "--batch_size", "8",
-                      "--steps", "2"])
+                      "--steps", "2", "--rounds", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("k", "params_per_member", "swarm_tokens_per_s", "sequential_tokens_per_s",
                 "speedup", "swarm_mfu", "sequential_mfu"):
@@ -63,6 +63,12 @@ def test_swarm_bench_matches_sequential_losses(capsys):
     assert last["member_loop"] == fastest
     assert last["speedup"] == last["loops"][fastest]["speedup"]
     assert last["default_is_fastest"] == (last["default_member_loop"] == fastest)
+    # The timed steps ran in rounds, each side timed in every round.
+    assert last["rounds"] == 2
+    for loop in last["loops"].values():
+        assert len(loop["round_speedups"]) == 2
+        assert loop["min_round_speedup"] == min(loop["round_speedups"])
+        assert min(loop["round_speedups"]) <= loop["speedup"] <= max(loop["round_speedups"])
     assert last["params_per_member"] == sizes.count_params(sizes.get_size("nano"))["non_embedding"]
     # Both sides trained the same members on the same batches: same losses.
     assert last["max_loss_difference"] < 1e-4

@@ -4,7 +4,10 @@ without disturbing the others; a resumed swarm reproduces the uninterrupted one 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +18,8 @@ from loam import step as step_lib
 from loam.configs import default
 from loam.mixing import swarm as sw
 from loam.model import sharding
+
+import helpers
 
 STEPS = 3
 
@@ -148,3 +153,28 @@ def test_cpu_swarms_run_members_in_turn_inside_one_step():
     assert jax.default_backend() == "cpu"
     assert sw.default_member_loop() == "map"
     assert sw.Swarm(small_config(), MEMBERS[:1], build_streams=False).member_loop == "map"
+
+
+def test_swarm_commands_take_one_cpu_device_per_core():
+    """use_host_cores (called first by the mixture search and the swarm bench) gives a fresh
+    process one CPU device per core; it leaves a chosen device count, or started backends,
+    alone."""
+    code = ("import json, os, jax\n"
+            "from loam.mixing import swarm as sw\n"
+            "asked = sw.use_host_cores()\n"
+            "again = sw.use_host_cores()\n"
+            "print(json.dumps([asked, again, jax.device_count(),"
+            " len(os.sched_getaffinity(0))]))\n")
+    fresh = dict(helpers.env(), XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", code], env=fresh, capture_output=True,
+                         text=True, timeout=300, check=True)
+    asked, again, devices, cores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cores == len(os.sched_getaffinity(0))
+    assert (asked, devices) == ((cores, cores) if cores > 1 else (0, 1))
+    assert again == 0  # the count is chosen now
+    chosen = subprocess.run([sys.executable, "-c", code], env=helpers.env(devices=3),
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(chosen.stdout.strip().splitlines()[-1])[:3] == [0, 0, 3]
+    # In this process the backends have started: nothing changes.
+    assert sw.use_host_cores() == 0
+    assert jax.device_count() == 8

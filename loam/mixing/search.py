@@ -371,6 +371,7 @@ def _define_flags(flags):
 
 def main(argv=None):
     """`python -m loam.mixsearch --config loam/configs/regmix.py[:arg] --workdir DIR`."""
+    swarm_lib.use_host_cores()  # the search trains swarms: one CPU device per core
     cli.config_main(lambda config, flags: run(config, flags.workdir),
                     define_flags=_define_flags, argv=argv)
 

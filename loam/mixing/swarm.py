@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -105,10 +106,39 @@ def default_member_loop() -> str:
     """How a device runs its members, chosen per backend from measurements (loam.bench.swarm).
     "vmap" batches them into one set of kernels, what fills an accelerator. On CPU, XLA's batched
     kernels run no faster than the unbatched ones, and vmap's batched embedding scatter is slow:
-    measured on a 2-core AVX-512 machine (16 members, 8 timed steps), vmap ran at 0.95x (nano) and
-    0.85x (tiny) of training the members one after another, while "map" (lax.map: members in
-    turn inside one compiled step) ran at 1.34x and 1.09x. So: map on CPU, vmap elsewhere."""
+    measured on a 2-core machine (16 "tiny" members, each side in fresh processes taking turns),
+    vmap ran at 0.78-0.97x of training the members one after another, while "map" (the forward
+    and backward passes of the members in turn inside one compiled step, the optimizer step
+    vmapped) ran at 0.98-1.11x. So: map on CPU, vmap elsewhere."""
     return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def use_host_cores() -> int:
+    """Lets JAX's CPU backend expose one device per core of this process, so that a swarm
+    splits its members over the cores (`swarm_mesh`) and each device runs its own members, the
+    devices at once. Call it first thing in a command whose work is swarms (the mixture search,
+    `loam.bench.swarm`): it only acts before JAX's backends start, and not when the device count
+    is already chosen (``--xla_force_host_platform_device_count`` in XLA_FLAGS, or
+    ``jax_num_cpu_devices``); on an accelerator host it changes only the CPU backend, which the
+    swarm does not use. Single runs keep one CPU device: the batch split over two devices ran
+    slower there than one device using both cores. Measured on a 2-core machine (16 "tiny"
+    members, the map loop, huge pages): a swarm step took 0.63-0.64 s on two devices against
+    0.75-0.87 s on one, in alternating fresh processes. Returns the device count asked for (0:
+    unchanged)."""
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or getattr(jax.config, "jax_num_cpu_devices", -1) != -1):
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return 0
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # the backends have started: too late to change them
+        return 0
+    return cores
 
 
 def _member_shards(k: int, devices: int) -> int:
@@ -206,14 +236,19 @@ class Swarm:
     def _member_step(self, params, opt_state, alive, lr, step, batch, reference_params=None):
         """One member's update: the trainer's own `step.update`, with the freeze mask on (and
         the DoReMi reference model run beside it when the swarm has one)."""
-        state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
+        grads, aux = self._member_gradients(params, batch, reference_params)
+        return self._member_apply(params, opt_state, alive, lr, step, grads, aux)
+
+    def _member_gradients(self, params, batch, reference_params=None):
         ref_model = None if self.reference is None else self.reference.model
-        new, metrics = step_lib.update(state, batch, model=self.model,
-                                       optimizer=self.optimizer(lr),
-                                       num_domains=self.num_domains,
-                                       z_loss=self.config.optim.z_loss, alive=alive,
-                                       reference_params=reference_params,
-                                       reference_model=ref_model)
+        return step_lib.gradients(params, batch, model=self.model, num_domains=self.num_domains,
+                                  z_loss=self.config.optim.z_loss,
+                                  reference_params=reference_params, reference_model=ref_model)
+
+    def _member_apply(self, params, opt_state, alive, lr, step, grads, aux):
+        state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
+        new, metrics = step_lib.apply_gradients(state, grads, aux, optimizer=self.optimizer(lr),
+                                                z_loss=self.config.optim.z_loss, alive=alive)
         return new.params, new.opt_state, metrics
 
     def _signature(self) -> str:
@@ -238,6 +273,11 @@ class Swarm:
             if self.member_loop == "vmap":
                 return jax.vmap(lambda *a: fn(*a, *common))(*stacked)
             return jax.lax.map(lambda a: fn(*a, *common), stacked)
+        return self._per_device(local, shared)
+
+    def _per_device(self, local, shared: int = 0):
+        """``local`` (of each device's block of members) split over the mesh's member axis
+        with shard_map; the last ``shared`` arguments are replicated."""
         if self.shards == 1:
             return local
 
@@ -247,9 +287,27 @@ class Swarm:
                                  out_specs=P(MEMBER_AXIS), check_vma=False)(*args)
         return sharded
 
+    def _members_step(self, with_reference: bool):
+        """The member update over the stacked members. vmap: the whole update vmapped. map:
+        the gradients mapped (members one at a time: the forward and backward passes run as
+        unbatched kernels, which XLA's CPU backend runs fastest) and the optimizer step vmapped
+        (elementwise, so batching it costs nothing, while mapping it would slice every
+        member's parameters and optimizer state out of the stack and write them back: measured
+        at 16 members of "tiny", 604 MB of state, a mapped identity update took 0.25 s against
+        0.02 s vmapped)."""
+        if self.member_loop == "vmap":
+            return self._over_members(self._member_step, shared=int(with_reference))
+
+        def local(params, opt_state, alive, lrs, steps, batch, *reference_params):
+            grads, aux = jax.lax.map(
+                lambda a: self._member_gradients(*a, *reference_params), (params, batch))
+            return jax.vmap(self._member_apply)(params, opt_state, alive, lrs, steps, grads,
+                                                aux)
+        return self._per_device(local, shared=int(with_reference))
+
     def make_train_step(self, state_shardings: SwarmState):
         with_reference = self.reference is not None
-        members_step = self._over_members(self._member_step, shared=int(with_reference))
+        members_step = self._members_step(with_reference)
 
         def train_step(state: SwarmState, batch, lrs, *reference_params):
             steps = jnp.broadcast_to(state.step, (self.k,))
