@@ -75,8 +75,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"optim.accum_steps={o.accum_steps} must be >= 1 and divide "
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
-    if c.model.get("attention_impl") == "splash" and c.data.objective != "causal":
-        raise ConfigError(f"model.attention_impl='splash' is causal attention only, but "
+    impl = c.model.get("attention_impl")
+    if impl in ("splash", "causal_blocks") and c.data.objective != "causal":
+        raise ConfigError(f"model.attention_impl={impl!r} is causal attention only, but "
                           f"data.objective={c.data.objective!r} trains with a bidirectional "
                           "prefix: use --config.model.attention_impl=manual for it")
     if c.model.get("attention_impl") == "splash" and int(c.data.seq_len) % 128:
@@ -172,6 +173,7 @@ def _get(config, dotted: str):
 ADDED_LATER = {"mixing": {"method": "static"},
                "model.loss_impl": "fused",
                "model.attention_impl": "manual",
+               "model.attention_block": 128,
                "model.residuals": "dots",
                "init": {"checkpoint": "", "carry": "params"},
                "data.replay": {"fraction": 0.0, "domains": [], "weights": "proportional"},
@@ -248,6 +250,7 @@ def model_config(config, vocab_size: int | None = None) -> ModelConfig:
         dtype=config.model.dtype, max_len=config.data.seq_len,
         loss_impl=config.model.get("loss_impl", "fused"),
         attention_impl=config.model.get("attention_impl", "manual"),
+        attention_block=int(config.model.get("attention_block", 128)),
         residuals=config.model.get("residuals", "dots"))
 
 

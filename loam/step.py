@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from loam.model import loss as loss_lib
 from loam.model import sharding as shd
-from loam.model.transformer import output_matrix
+from loam.model.transformer import CAUSAL_ONLY, output_matrix
 
 Batch = Mapping[str, jax.Array]
 MODEL_FEATURES = ("inputs", "segment_ids", "positions", "prefix")
@@ -166,10 +166,11 @@ def current_lr(opt_state) -> jax.Array:
 # --------------------------------------------------------------------------- loss
 
 def _features(batch: Batch, model: nn.Module) -> dict:
-    """The batch's model inputs besides the tokens. A causal-only attention kernel (splash) gets
-    no prefix: the run config allows it for causal objectives alone, whose prefix is all 0."""
+    """The batch's model inputs besides the tokens. A causal-only attention (splash,
+    causal_blocks) gets no prefix: the run config allows it for causal objectives alone, whose
+    prefix is all 0."""
     out = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
-    if getattr(getattr(model, "cfg", None), "attention_impl", "") != "splash":
+    if getattr(getattr(model, "cfg", None), "attention_impl", "") not in CAUSAL_ONLY:
         out["prefix"] = batch["prefix"]
     return out
 

@@ -168,6 +168,42 @@ def test_decoding_with_a_cache_is_unchanged(batches):
     np.testing.assert_allclose(logits["manual"], logits["xla"], rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- causal blocks
+
+@pytest.mark.parametrize("h,g,block", [(4, 4, 8), (4, 2, 10), (3, 1, 5)])
+def test_causal_blocks_match_the_autodiff_path(h, g, block):
+    """Query blocks over the keys up to their end (the last block shorter when the block does
+    not divide the length), causal within packed segments: outputs and dq/dk/dv."""
+    q, k, v, mask, do, real, _ = _inputs(2, 24, h, g, 8, prefix=False)
+    ref_out, ref_vjp = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    out, vjp = jax.vjp(lambda *a: attn.attend_causal_blocks(*a, mask, jnp.float32, block),
+                       q, k, v)
+    np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, ref_out, 0), rtol=1e-5,
+                               atol=1e-6)
+    for got, want in zip(vjp(do), ref_vjp(do), strict=True):
+        assert float(jnp.max(jnp.abs(want))) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_blocks_model_equals_the_manual_path_and_refuses_a_prefix(batches):
+    data, vocab = batches
+    batch = data["causal"][0]
+    _assert_same_loss_and_gradients(
+        Transformer(small_config(vocab)),
+        Transformer(small_config(vocab, attention_impl="causal_blocks", attention_block=16)),
+        batch)
+    model = Transformer(small_config(vocab, attention_impl="causal_blocks"))
+    with pytest.raises(ValueError, match="'causal_blocks' is causal attention only .* without "
+                                         "prefix"):
+        model.init(jax.random.key(0), batch["inputs"], prefix=batch["prefix"])
+    config = default.get_config("size=nano,steps=10,seq_len=64,batch_size=8")
+    config.model.attention_impl, config.data.objective = "causal_blocks", "prefix_lm"
+    with pytest.raises(run_lib.ConfigError, match="'causal_blocks' is causal attention only"):
+        run_lib.resolve_config(config)
+    with pytest.raises(ValueError, match="attention_block=0 must be >= 1"):
+        small_config(vocab, attention_impl="causal_blocks", attention_block=0)
+
+
 # --------------------------------------------------------------------------- splash (interpreted)
 
 @pytest.mark.parametrize("h,g", [(4, 4), (4, 2), (3, 1)])

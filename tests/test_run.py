@@ -72,7 +72,7 @@ def test_save_config_keeps_every_edited_config(tmp_path):
 
 @pytest.mark.parametrize("field,usual,other,unknown,choices", [
     ("loss_impl", "fused", "logits", "chunked", "fused, logits"),
-    ("attention_impl", "manual", "xla", "flash", "manual, xla, splash"),
+    ("attention_impl", "manual", "xla", "flash", "manual, xla, splash, causal_blocks"),
     ("residuals", "dots", "all", "some", "dots, all"),
 ])
 def test_the_run_config_chooses_how_the_step_computes_and_refuses_an_unknown_way(

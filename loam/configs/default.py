@@ -70,10 +70,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss). Equal within float rounding.
     c.model.loss_impl = "fused"
     # The attention core: "manual" (its own VJP, head-major batched matmuls;
-    # loam/model/attention.py), "xla" (the plain einsum/softmax path under autodiff) or "splash"
-    # (TPU's fused causal kernel; causal objective only; interpreted, slowly, off TPU). Equal
-    # within float rounding.
+    # loam/model/attention.py), "xla" (the plain einsum/softmax path under autodiff), "splash"
+    # (TPU's fused causal kernel; causal objective only; interpreted, slowly, off TPU) or
+    # "causal_blocks" (the manual core per block of attention_block query rows over the keys up
+    # to the block's end, skipping the masked blocks above the diagonal; causal objective only).
+    # Equal within float rounding.
     c.model.attention_impl = "manual"
+    c.model.attention_block = 128
     # What the backward pass keeps of each layer's forward pass (unless remat): "dots" (the
     # weight matmuls' outputs; the rest is recomputed) or "all" (everything autodiff saves).
     c.model.residuals = "dots"

@@ -114,6 +114,25 @@ def attend(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxQxS: Arr
     return _attend(q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxQxS, jnp.dtype(dtype))
 
 
+def attend_causal_blocks(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
+                         mask_BxQxS: Array, dtype, block: int) -> Array:
+    """`attend` for a causal mask (no query sees a later key; packed segments allowed), in
+    query blocks of ``block`` rows (the last may be shorter): block i attends only to the keys
+    up to its last row, so the score blocks above the diagonal, all masked, are never computed
+    (a quarter of the scores at two blocks, three eighths at four). The result equals
+    `attend`'s; a mask that lets a query see a later key (a bidirectional prefix) would be cut,
+    so the model refuses a prefix with it."""
+    length = q_BxQxHxK.shape[1]
+    if length <= block:
+        return attend(q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxQxS, dtype)
+    outs = []
+    for lo in range(0, length, block):
+        hi = min(lo + block, length)
+        outs.append(attend(q_BxQxHxK[:, lo:hi], k_BxSxGxK[:, :hi], v_BxSxGxK[:, :hi],
+                           mask_BxQxS[:, lo:hi, :hi], dtype))
+    return jnp.concatenate(outs, axis=1)
+
+
 # The splash kernel's tile edge: the largest of these dividing the sequence (a multiple of 128).
 SPLASH_BLOCKS = (512, 256, 128)
 

@@ -27,7 +27,10 @@ from loam.model import attention as attn_lib
 Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("fused", "logits")
-ATTENTION_IMPLS = ("manual", "xla", "splash")
+ATTENTION_IMPLS = ("manual", "xla", "splash", "causal_blocks")
+# Implementations that compute causal attention only (they skip the blocks above the diagonal):
+# the model refuses a prefix with them, the step passes none.
+CAUSAL_ONLY = ("splash", "causal_blocks")
 RESIDUALS = ("dots", "all")
 
 
@@ -58,8 +61,12 @@ class ModelConfig:
     scan_unroll: int = 1
     # "manual": the attention core with its own VJP (loam.model.attention); "xla": the plain
     # einsum/softmax path, differentiated by autodiff; "splash": TPU's fused causal kernel
-    # (interpreted elsewhere), causal attention only: the model then refuses a prefix.
+    # (interpreted elsewhere), causal attention only: the model then refuses a prefix;
+    # "causal_blocks": the manual core per block of `attention_block` query rows, over the keys
+    # up to the block's end (the score blocks above the diagonal are never computed), causal
+    # attention only too.
     attention_impl: str = "manual"
+    attention_block: int = 128
     # What the backward pass keeps from each layer's forward pass when remat is off: "dots",
     # the outputs of the weight matmuls (norms, rotary, SwiGLU and the attention core are
     # recomputed in the backward pass, cheaper on a CPU than storing and re-reading them), or
@@ -81,6 +88,9 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
                              f"{self.kv_heads} for grouped-query attention")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 1 (query rows "
+                             "per block of attention_impl='causal_blocks')")
         for field, choices in (("loss_impl", LOSS_IMPLS), ("attention_impl", ATTENTION_IMPLS),
                                ("residuals", RESIDUALS)):
             if getattr(self, field) not in choices:
@@ -215,7 +225,10 @@ class Attention(nn.Module):
         if cfg.attention_impl == "splash" and kv is None:
             out_BxLxHxK = attn_lib.attend_splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS,
                                                  dt)
-        elif cfg.attention_impl in ("manual", "splash"):  # splash decodes over the cache here
+        elif cfg.attention_impl == "causal_blocks" and kv is None:
+            out_BxLxHxK = attn_lib.attend_causal_blocks(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                                        mask_BxQxS, dt, cfg.attention_block)
+        elif cfg.attention_impl in ("manual", "splash", "causal_blocks"):  # a cache: plain path
             out_BxLxHxK = attn_lib.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS, dt)
         else:
             out_BxLxHxK = attn_lib.attend_reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
@@ -303,10 +316,10 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones((b, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        if cfg.attention_impl == "splash" and prefix is not None:
-            raise ValueError("attention_impl='splash' is causal attention only and cannot honour "
-                             "a bidirectional prefix: call the model without prefix (a causal "
-                             "objective), or use attention_impl='manual'")
+        if cfg.attention_impl in CAUSAL_ONLY and prefix is not None:
+            raise ValueError(f"attention_impl={cfg.attention_impl!r} is causal attention only "
+                             "and cannot honour a bidirectional prefix: call the model without "
+                             "prefix (a causal objective), or use attention_impl='manual'")
         if prefix is None:
             prefix = jnp.zeros((b, length), jnp.int32)
 
