@@ -235,12 +235,14 @@ def test_splash_model_loss_and_gradients_equal_the_manual_path(causal_128):
 
 
 def test_splash_train_steps_on_an_8_device_mesh_equal_the_manual_path(causal_128):
-    """Rows over data x fsdp and heads over tensor (2 x 2 x 2): the kernel runs per device."""
+    """Rows over data x fsdp and heads over tensor (2 x 2 x 2): the kernel runs per device. The
+    causal blocks on the same mesh too."""
     stream, vocab = causal_128
     mesh = shd.make_mesh(2, 2, 2)
     losses = {}
-    for impl in ("manual", "splash"):
-        model = Transformer(small_config(vocab, max_len=128, attention_impl=impl))
+    for impl in ("manual", "splash", "causal_blocks"):
+        blocks = {"attention_block": 32} if impl == "causal_blocks" else {}  # 4 blocks
+        model = Transformer(small_config(vocab, max_len=128, attention_impl=impl, **blocks))
         optimizer = st.make_optimizer(st.lr_schedule("cosine", 3e-3, 10, 1))
         state, shardings = st.init_state(model, optimizer, jax.random.key(0), mesh, 128, 8)
         step = st.make_train_step(model, optimizer, mesh, shardings, num_domains=5, z_loss=1e-4)
@@ -249,6 +251,7 @@ def test_splash_train_steps_on_an_8_device_mesh_equal_the_manual_path(causal_128
             state, metrics = step(state, shd.shard_batch(stream.batch(s), mesh))
             losses[impl].append(float(metrics["loss"]))
     np.testing.assert_allclose(losses["splash"], losses["manual"], rtol=2e-5)
+    np.testing.assert_allclose(losses["causal_blocks"], losses["manual"], rtol=2e-5)
     assert losses["manual"][0] > losses["manual"][-1]  # it trained
 
 
