@@ -27,7 +27,7 @@ from loam.data import vocab as vocab_lib
 from loam.data import weights as weights_lib
 from loam.data.sources import seqio as seqio_source
 from loam.model import sharding, sizes
-from loam.model.transformer import ModelConfig, Transformer
+from loam.model.transformer import CAUSAL_ONLY, ModelConfig, Transformer
 
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
 
@@ -76,7 +76,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
                           f"data.batch_size={c.data.batch_size}")
     _resolve_data(c)
     impl = c.model.get("attention_impl")
-    if impl in ("splash", "causal_blocks") and c.data.objective != "causal":
+    if impl in CAUSAL_ONLY and c.data.objective != "causal":
         raise ConfigError(f"model.attention_impl={impl!r} is causal attention only, but "
                           f"data.objective={c.data.objective!r} trains with a bidirectional "
                           "prefix: use --config.model.attention_impl=manual for it")

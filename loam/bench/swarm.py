@@ -111,7 +111,7 @@ def side(name: str, k: int = 16, size: str = "tiny", seq_len: int = 128, batch_s
             "data_s": data_s, "member_shards": swarm.shards, "devices": jax.device_count()}
 
 
-def _side_in_process(name: str, **kw) -> dict:
+def _side_in_subprocess(name: str, **kw) -> dict:
     cmd = [sys.executable, "-m", "loam.bench.swarm", "--side", name,
            *[f"--{key}={value}" for key, value in kw.items()]]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,7 +138,7 @@ def run(k: int = 16, size: str = "tiny", seq_len: int = 128, batch_size: int = 4
     results: dict[str, list[dict]] = {name: [] for name in [*loops, SEQUENTIAL]}
     for r in range(max(1, rounds)):
         for name in results:
-            out = side(name, **kw) if in_process else _side_in_process(name, **kw)
+            out = side(name, **kw) if in_process else _side_in_subprocess(name, **kw)
             print(json.dumps({"round": r, **{k_: v for k_, v in out.items() if k_ != "losses"}}),
                   flush=True)
             results[name].append(out)
