@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e  # each test runs a whole benchmark command
 
 
 def test_train_bench_prints_runs_json(capsys):
-    assert bench_train.main(["--runs", "mini", "--steps", "1"]) == 0
+    assert bench_train.main(["--runs", "mini", "--steps", "1", "--dots"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (run,) = last["runs"]
     for key in ("name", "params", "tokens_per_s", "mfu", "matmul_peak_flops", "compile_s",
@@ -24,6 +24,41 @@ def test_train_bench_prints_runs_json(capsys):
     assert run["name"] == "mini" and run["params"] == sizes.count_params(cfg)["total"]
     assert run["tokens_per_s"] > 0 and 0 < run["mfu"] and run["matmul_peak_flops"] > 0
     assert run["loss_last"] < run["loss_first"]  # the step trains
+    # --dots: the compiled step's matmuls, read from its HLO (the layer scan's and the loss
+    # scan's bodies times their trip counts), execute exactly the model's matmul FLOPs (6N + 12
+    # L d T, less the norm scales, which are parameters but no matmul) plus what the "dots"
+    # residual policy recomputes in the backward pass: the attention core's two forward matmuls.
+    tokens, seq = run["batch"] * run["seq_len"], run["seq_len"]
+    norms = 2 * cfg.d_model * cfg.n_layers + cfg.d_model
+    recompute = 4 * cfg.n_layers * cfg.d_model * seq
+    assert run["matmul_flops_per_step"] == tokens * (
+        sizes.flops_per_token(cfg, seq) - 6 * norms + recompute)
+    assert run["matmul_flops_vs_model"] > 1
+    assert run["dots_alone_s"] > 0 and run["dots_alone_share"] > 0
+    assert run["mfu_dots_alone"] == pytest.approx(
+        run["flops_per_token"] * tokens / (run["dots_alone_s"] * last["matmul_peak_flops"]))
+    slowest = run["slowest_dots"]
+    assert 0 < len(slowest) <= run["distinct_dots"]
+    assert [d["seconds"] for d in slowest] == sorted((d["seconds"] for d in slowest),
+                                                     reverse=True)
+    assert sum(d["seconds"] for d in slowest) <= run["dots_alone_s"] * (1 + 1e-9)
+
+
+def test_train_bench_variants_take_xla_compiler_options():
+    variant = bench_train._parse_variant(
+        "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+        "scan_unroll=2")
+    assert variant == {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE", "scan_unroll": 2}
+    with pytest.raises(ValueError, match="xla_"):
+        bench_train._parse_variant("no_such_field=1")
+    # The option reaches the compiler: with YNNPACK's fusions off the step has none of them.
+    default = bench_train._Run("mini", 1)
+    off = bench_train._Run("mini", 1, bench_train._parse_variant(
+        "xla_cpu_experimental_ynn_fusion_type="))
+    assert "__ynn_fusion" in default.compiled.as_text()
+    assert "__ynn_fusion" not in off.compiled.as_text()
+    assert off.first_loss == pytest.approx(default.first_loss, rel=1e-5)
 
 
 def test_train_bench_interleaves_variants_with_paired_ratios(capsys):

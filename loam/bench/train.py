@@ -2,7 +2,7 @@
 
     python -m loam.bench.train [--quick] [--runs mini,peer-a,small] [--steps N]
                                [--variants 'attention_impl=xla;attention_impl=manual']
-                               [--interleave]
+                               [--interleave] [--dots]
 
 Prints one JSON line per model (and variant), then one JSON object {"runs": [...], ...} as the
 last line. `--variants` measures ModelConfig settings side by side in one process (each line
@@ -18,6 +18,11 @@ loam.model.sizes (6N + 12 L d T) and the peak the best 2048x2048 matmul seen in 
 (measured before the first model and after each; the last line's MFU uses the highest):
 float32 on the CPU; on a GPU or TPU the runs compute in bfloat16 (config dtype, float32 weights)
 and the peak is the device's bfloat16 one.
+
+A variant may also set XLA compiler options for its compile (keys "xla_...", e.g.
+'xla_cpu_experimental_ynn_fusion_type=' for XLA:CPU without YNNPACK's fusions), so that backend
+settings are compared in one process like model settings. `--dots` adds, per run, the step's
+matmuls timed alone (see `dots_alone`): how much of the step they are.
 
 `--interleave` (with --variants) builds every variant of a model first, then runs them in turn,
 round after round (the order turning by one each round): each turn is one unrecorded step, which
@@ -79,8 +84,11 @@ class _Run:
         size, vocab, seq_len, batch_size, overrides = RUNS[name]
         self.name, self.size, self.vocab, self.variant = name, size, vocab, variant or {}
         self.seq_len, self.batch_size, self.steps = seq_len, batch_size, steps
+        # A variant sets ModelConfig fields and XLA compiler options (keys "xla_...").
+        model_fields = {k: v for k, v in self.variant.items() if not k.startswith("xla_")}
+        compiler_options = {k: v for k, v in self.variant.items() if k.startswith("xla_")}
         self.cfg = cfg = sizes.get_size(size, vocab, max_len=seq_len,
-                                        **{**overrides, **self.variant})
+                                        **{**overrides, **model_fields})
         model = Transformer(cfg)
         mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         optimizer = st.make_optimizer(st.lr_schedule("cosine", 1e-3, 1000, 10))
@@ -93,7 +101,8 @@ class _Run:
                         for i in range(steps + 1)]
         t = time.perf_counter()
         with shd.activate(mesh):
-            self.compiled = train_step.jitted.lower(self.state, self.batches[0]).compile()
+            self.compiled = train_step.jitted.lower(self.state, self.batches[0]).compile(
+                compiler_options=compiler_options or None)
         self.compile_s = time.perf_counter() - t
         # warm-up (the first execution allocates)
         self.state, metrics = self.compiled(self.state, self.batches[0])
@@ -150,14 +159,36 @@ class _Run:
         }
 
 
-def bench_run(name: str, steps: int, peak: float, variant: dict | None = None) -> dict:
+def bench_run(name: str, steps: int, peak: float, variant: dict | None = None,
+              dots: bool = False) -> dict:
     run = _Run(name, steps, variant)
     run.run(steps)
-    return run.result(peak)
+    result = run.result(peak)
+    if dots:
+        result.update(dots_alone(run, result))
+    return result
+
+
+def dots_alone(run: _Run, result: dict) -> dict:
+    """The step's matmuls, each timed alone (loam.perf.dots_alone: every dot of the compiled
+    step at its shapes), measured right after the run's timed steps: the FLOPs they execute
+    against the model's (``matmul_flops_vs_model``: above 1 by what the backward pass recomputes),
+    the sum of their times and its share of the median step time, and ``mfu_dots_alone``: the
+    MFU of a step that took exactly that sum. A share near 1 says the step's time is its matmuls
+    at the rates this machine's kernels reach for their shapes, not the work around them (the
+    step can beat the sum a little: it runs independent matmuls side by side, one per core)."""
+    dots = perf.dots_alone(run.compiled.as_text())
+    model_flops = result["flops_per_token"] * run.batch_size * run.seq_len
+    return {"matmul_flops_per_step": dots["matmul_flops"],
+            "matmul_flops_vs_model": dots["matmul_flops"] / model_flops,
+            "dots_alone_s": dots["seconds"],
+            "dots_alone_share": dots["seconds"] / result["step_time_median_s"],
+            "mfu_dots_alone": model_flops / (dots["seconds"] * result["matmul_peak_flops"]),
+            "distinct_dots": dots["distinct_dots"], "slowest_dots": dots["slowest_dots"]}
 
 
 def interleaved(name: str, steps: int, peak: float, variants: list[dict],
-                block: int = 2) -> list[dict]:
+                block: int = 2, dots: bool = False) -> list[dict]:
     """All ``variants`` of one model built first, then timed in alternation: each round gives each
     variant one unrecorded step and ``block`` recorded ones, in an order that turns every
     round, so that drift in the machine's speed (other tenants, clocks) and the place in a
@@ -184,19 +215,32 @@ def interleaved(name: str, steps: int, peak: float, variants: list[dict],
                               "step_time_ratio_se": float(ratio.std(ddof=1) / np.sqrt(len(ratio)))
                               if len(ratio) > 1 else None,
                               "rounds": len(ratio)}
+        if dots:
+            result.update(dots_alone(run, result))
         out.append(result)
     return out
 
 
 def _parse_variant(text: str) -> dict:
-    """'loss_impl=logits,scan_unroll=6' -> {"loss_impl": "logits", "scan_unroll": 6}."""
+    """'loss_impl=logits,scan_unroll=6' -> {"loss_impl": "logits", "scan_unroll": 6}; keys
+    starting "xla_" are XLA compiler options for the run's compile, kept as text (a list value
+    keeps its commas: 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,
+    LIBRARY_FUSION_TYPE_REDUCE' without the space)."""
     fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     out: dict = {}
+    last = None
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
+        if not sep and last is not None and last.startswith("xla_"):
+            out[last] += "," + item  # an XLA option's list value: 'xla_x=A,B'
+            continue
+        if sep and key.startswith("xla_"):  # an XLA compiler option, passed as text
+            out[key], last = value, key
+            continue
         if not sep or key not in fields:
             raise ValueError(f"{item!r} is not FIELD=VALUE with a ModelConfig field "
-                             f"({', '.join(fields)})")
+                             f"({', '.join(fields)}) or an XLA option (xla_...=VALUE)")
+        last = key
         kind = str(fields[key])
         out[key] = (value.lower() in ("1", "true") if "bool" in kind
                     else int(value) if "int" in kind and "None" not in kind
@@ -217,6 +261,10 @@ def main(argv=None) -> int:
                         help="with --variants: time the variants in alternation, one step "
                         "each per round, and report each one's step time relative to the "
                         "first variant's in the same round (for a machine whose speed drifts)")
+    parser.add_argument("--dots", action="store_true",
+                        help="after each run, time every matmul of its compiled step alone and "
+                        "report their sum (dots_alone_s), its share of the step time, the MFU "
+                        "of a step that took just that (mfu_dots_alone) and the slowest dots")
     args = parser.parse_args(argv)
     try:
         variants = [_parse_variant(v) for v in args.variants.split(";")] if args.variants \
@@ -245,9 +293,10 @@ def main(argv=None) -> int:
     for name in names:
         steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
         if args.interleave and len(variants) > 1:
-            results = interleaved(name, steps, max(peaks), variants)
+            results = interleaved(name, steps, max(peaks), variants, dots=args.dots)
         else:
-            results = [bench_run(name, steps, max(peaks), variant) for variant in variants]
+            results = [bench_run(name, steps, max(peaks), variant, args.dots)
+                       for variant in variants]
         for run in results:
             runs.append(run)
             print(json.dumps(run), flush=True)
@@ -255,6 +304,8 @@ def main(argv=None) -> int:
     peak = max(peaks)
     for run in runs:
         run["mfu"] = run["flops_per_token"] * run["tokens_per_s"] / peak
+        if "mfu_dots_alone" in run:
+            run["mfu_dots_alone"] *= run["matmul_peak_flops"] / peak
         run["matmul_peak_flops"] = peak
     print(json.dumps({
         "runs": runs, "matmul_peak_flops": peak, "matmul_peak_dtype": dtype,
