@@ -61,6 +61,14 @@ def test_train_bench_variants_take_xla_compiler_options():
     assert off.first_loss == pytest.approx(default.first_loss, rel=1e-5)
 
 
+def test_train_bench_refuses_an_unknown_xla_option_in_one_line(capsys):
+    assert bench_train.main(["--runs", "mini", "--steps", "1", "--variants",
+                             "xla_no_such_option=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("--variants: XLA refused the compiler options")
+    assert "xla_no_such_option" in err and len(err.splitlines()) == 1
+
+
 def test_train_bench_interleaves_variants_with_paired_ratios(capsys):
     assert bench_train.main(["--runs", "mini", "--steps", "3", "--interleave", "--variants",
                              "attention_impl=xla;attention_impl=manual"]) == 0

@@ -101,8 +101,14 @@ class _Run:
                         for i in range(steps + 1)]
         t = time.perf_counter()
         with shd.activate(mesh):
-            self.compiled = train_step.jitted.lower(self.state, self.batches[0]).compile(
-                compiler_options=compiler_options or None)
+            lowered = train_step.jitted.lower(self.state, self.batches[0])
+            try:
+                self.compiled = lowered.compile(compiler_options=compiler_options or None)
+            except jax.errors.JaxRuntimeError as e:
+                if not compiler_options:
+                    raise
+                raise ValueError(f"XLA refused the compiler options {compiler_options}: "
+                                 f"{str(e).splitlines()[0]}") from None
         self.compile_s = time.perf_counter() - t
         # warm-up (the first execution allocates)
         self.state, metrics = self.compiled(self.state, self.batches[0])
@@ -248,6 +254,24 @@ def _parse_variant(text: str) -> dict:
     return out
 
 
+
+def _run_all(args, names: list[str], variants: list[dict], dtype: str, peaks: list[float],
+             runs: list[dict]) -> None:
+    """Every run of every variant, each line printed as it finishes; a peak sample after each
+    model."""
+    for name in names:
+        steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
+        if args.interleave and len(variants) > 1:
+            results = interleaved(name, steps, max(peaks), variants, dots=args.dots)
+        else:
+            results = [bench_run(name, steps, max(peaks), variant, args.dots)
+                       for variant in variants]
+        for run in results:
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+        peaks.append(perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0, dtype))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
@@ -289,18 +313,12 @@ def main(argv=None) -> int:
     # speed drifts (other tenants, clocks), and MFU is against the highest figure seen, so a
     # slow moment during one measurement can only lower the MFU, never raise it.
     peaks = [perf.matmul_peak_flops(2048, 8, 2.0, dtype)]
-    runs = []
-    for name in names:
-        steps = args.steps or (1 if args.quick else TIMED_STEPS[name])
-        if args.interleave and len(variants) > 1:
-            results = interleaved(name, steps, max(peaks), variants, dots=args.dots)
-        else:
-            results = [bench_run(name, steps, max(peaks), variant, args.dots)
-                       for variant in variants]
-        for run in results:
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-        peaks.append(perf.matmul_peak_flops.__wrapped__(2048, 8, 2.0, dtype))
+    runs: list[dict] = []
+    try:
+        _run_all(args, names, variants, dtype, peaks, runs)
+    except ValueError as e:  # a variant the model or XLA refuses
+        print(f"--variants: {e}", file=sys.stderr)
+        return 2
     peak = max(peaks)
     for run in runs:
         run["mfu"] = run["flops_per_token"] * run["tokens_per_s"] / peak
