@@ -50,6 +50,8 @@ def test_train_bench_variants_take_xla_compiler_options():
         "scan_unroll=2")
     assert variant == {"xla_cpu_experimental_ynn_fusion_type":
                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE", "scan_unroll": 2}
+    assert bench_train._parse_variant("xla_cpu_enable_fast_math=true,xla_cpu_max_isa=AVX2") == {
+        "xla_cpu_enable_fast_math": True, "xla_cpu_max_isa": "AVX2"}
     with pytest.raises(ValueError, match="xla_"):
         bench_train._parse_variant("no_such_field=1")
     # The option reaches the compiler: with YNNPACK's fusions off the step has none of them.

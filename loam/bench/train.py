@@ -227,6 +227,19 @@ def interleaved(name: str, steps: int, peak: float, variants: list[dict],
     return out
 
 
+def _xla_value(text: str) -> bool | int | float | str:
+    """An XLA option's value as the compiler takes it: true/false as booleans, numbers as
+    numbers, anything else (enums, lists) as text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _parse_variant(text: str) -> dict:
     """'loss_impl=logits,scan_unroll=6' -> {"loss_impl": "logits", "scan_unroll": 6}; keys
     starting "xla_" are XLA compiler options for the run's compile, kept as text (a list value
@@ -238,10 +251,10 @@ def _parse_variant(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep and last is not None and last.startswith("xla_"):
-            out[last] += "," + item  # an XLA option's list value: 'xla_x=A,B'
+            out[last] = f"{out[last]},{item}"  # an XLA option's list value: 'xla_x=A,B'
             continue
-        if sep and key.startswith("xla_"):  # an XLA compiler option, passed as text
-            out[key], last = value, key
+        if sep and key.startswith("xla_"):  # an XLA compiler option
+            out[key], last = _xla_value(value), key
             continue
         if not sep or key not in fields:
             raise ValueError(f"{item!r} is not FIELD=VALUE with a ModelConfig field "
