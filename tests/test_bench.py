@@ -34,7 +34,9 @@ def test_train_bench_prints_runs_json(capsys):
     assert run["matmul_flops_per_step"] == tokens * (
         sizes.flops_per_token(cfg, seq) - 6 * norms + recompute)
     assert run["matmul_flops_vs_model"] > 1
-    assert run["dots_alone_s"] > 0 and run["dots_alone_share"] > 0
+    assert run["dots_alone_s"] > 0 and run["step_time_after_dots_s"] > 0
+    assert run["dots_alone_share"] == pytest.approx(
+        2 * run["dots_alone_s"] / (run["step_time_median_s"] + run["step_time_after_dots_s"]))
     assert run["mfu_dots_alone"] == pytest.approx(
         run["flops_per_token"] * tokens / (run["dots_alone_s"] * last["matmul_peak_flops"]))
     slowest = run["slowest_dots"]

@@ -118,10 +118,10 @@ class _Run:
         self.faults = 0
         self.taken = 0
 
-    def run(self, steps: int, record: bool = True) -> None:
+    def run(self, steps: int, record: bool = True) -> list[float]:
         """``steps`` timed steps, dispatched ahead: step i+1 is queued before step i's loss is
-        read, as the training loop does. ``record=False``: taken but not counted (a step that
-        brings this model's buffers back after another program ran)."""
+        read, as the training loop does; returns their times. ``record=False``: taken but not
+        counted (a step that brings this model's buffers back after another program ran)."""
         faults = perf.minor_faults()
         ready = [time.perf_counter()]
         batches = [self.batches[1 + (self.taken + i) % self.steps] for i in range(steps)]
@@ -134,11 +134,13 @@ class _Run:
         pending["loss"].block_until_ready()
         ready.append(time.perf_counter())
         self.taken += steps
+        times = np.diff(ready).tolist()
         if not record:
-            return
-        self.step_times.extend(np.diff(ready).tolist())
+            return times
+        self.step_times.extend(times)
         self.faults += perf.minor_faults() - faults
         self.last_loss = float(pending["loss"])
+        return times
 
     def result(self, peak: float) -> dict:
         cfg, steps = self.cfg, len(self.step_times)
@@ -182,13 +184,19 @@ def dots_alone(run: _Run, result: dict) -> dict:
     the sum of their times and its share of the median step time, and ``mfu_dots_alone``: the
     MFU of a step that took exactly that sum. A share near 1 says the step's time is its matmuls
     at the rates this machine's kernels reach for their shapes, not the work around them (the
-    step can beat the sum a little: it runs independent matmuls side by side, one per core)."""
+    step can beat the sum a little: it runs independent matmuls side by side, one per core).
+    The share is against the mean of the median step time before the dots were timed and that
+    of as many steps again right after (``step_time_after_dots_s``): the machine's speed drifts
+    less over the pair than from either side alone."""
     dots = perf.dots_alone(run.compiled.as_text())
+    run.run(1, record=False)  # brings the step's buffers back after the dots ran
+    after = float(np.median(run.run(max(2, run.steps), record=False)))
+    around = (result["step_time_median_s"] + after) / 2
     model_flops = result["flops_per_token"] * run.batch_size * run.seq_len
     return {"matmul_flops_per_step": dots["matmul_flops"],
             "matmul_flops_vs_model": dots["matmul_flops"] / model_flops,
-            "dots_alone_s": dots["seconds"],
-            "dots_alone_share": dots["seconds"] / result["step_time_median_s"],
+            "dots_alone_s": dots["seconds"], "step_time_after_dots_s": after,
+            "dots_alone_share": dots["seconds"] / around,
             "mfu_dots_alone": model_flops / (dots["seconds"] * result["matmul_peak_flops"]),
             "distinct_dots": dots["distinct_dots"], "slowest_dots": dots["slowest_dots"]}
 
