@@ -154,7 +154,8 @@ def hlo_dots(hlo_text: str) -> list[Dot]:
 
 def time_dot(dot: Dot, repeats: int = 10, min_seconds: float = 0.2) -> float:
     """Median seconds of ``dot`` run alone (random operands of its types and shapes, jitted),
-    over at least ``repeats`` runs and ``min_seconds``."""
+    over at least ``repeats`` runs and ``min_seconds``. The operands are in the default
+    row-major layout, whichever layout XLA gave them inside the program."""
     keys = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(keys[0], dot.lhs[1], jnp.float32).astype(dot.lhs[0])
     b = jax.random.normal(keys[1], dot.rhs[1], jnp.float32).astype(dot.rhs[0])
