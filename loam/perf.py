@@ -24,15 +24,20 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, min_seconds: float = 1.0,
     """
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best, count, start = float("inf"), 0, time.perf_counter()
-    while count < repeats or time.perf_counter() - start < min_seconds:
+    return 2 * n**3 / min(_call_times(jax.jit(jnp.matmul), (a, b), repeats, min_seconds))
+
+
+def _call_times(fn, args: tuple, repeats: int, min_seconds: float) -> list[float]:
+    """Seconds of each of at least ``repeats`` calls of ``fn(*args)`` spanning at least
+    ``min_seconds``, after one untimed call (the compile)."""
+    fn(*args).block_until_ready()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-        count += 1
-    return 2 * n**3 / best
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def minor_faults() -> int:
@@ -164,14 +169,8 @@ def time_dot(dot: Dot, repeats: int = 10, min_seconds: float = 0.2) -> float:
     wider = None if dot.out[0] == dot.lhs[0] else jnp.dtype(dot.out[0])
     fn = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dot.dimension_numbers,
                                    preferred_element_type=wider))
-    fn(a, b).block_until_ready()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(sorted(times)[len(times) // 2])
+    times = sorted(_call_times(fn, (a, b), repeats, min_seconds))
+    return float(times[len(times) // 2])
 
 
 def dots_alone(hlo_text: str, top: int = 8) -> dict:

@@ -250,9 +250,9 @@ def _xla_value(text: str) -> bool | int | float | str:
 
 def _parse_variant(text: str) -> dict:
     """'loss_impl=logits,scan_unroll=6' -> {"loss_impl": "logits", "scan_unroll": 6}; keys
-    starting "xla_" are XLA compiler options for the run's compile, kept as text (a list value
-    keeps its commas: 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,
-    LIBRARY_FUSION_TYPE_REDUCE' without the space)."""
+    starting "xla_" are XLA compiler options for the run's compile, their values as
+    `_xla_value` reads them (a list value keeps its commas:
+    'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE')."""
     fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     out: dict = {}
     last = None
@@ -273,7 +273,6 @@ def _parse_variant(text: str) -> dict:
                     else int(value) if "int" in kind and "None" not in kind
                     else float(value) if "float" in kind else value)
     return out
-
 
 
 def _run_all(args, names: list[str], variants: list[dict], dtype: str, peaks: list[float],
