@@ -11,6 +11,7 @@ import json
 import math
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -84,6 +85,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         raise ConfigError(f"model.attention_impl='splash' tiles the sequence in blocks of 128, "
                           f"but data.seq_len={c.data.seq_len}: use a multiple of 128, or "
                           "--config.model.attention_impl=manual")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError("model.attention_impl='cudnn' is cuDNN's fused attention, which runs "
+                          f"on an NVIDIA GPU, but JAX's backend here is "
+                          f"{jax.default_backend()!r}: use --config.model.attention_impl=manual")
     dense = c.get("eval_dense")
     if dense is not None and (int(dense.get("every", 1)) < 1 or int(dense.get("until", 0)) < 0):
         raise ConfigError(f"eval_dense={dense.to_dict()}: every must be >= 1 and until >= 0 "

@@ -10,6 +10,8 @@ way, on causal batches, and on an 8-device mesh where it runs per device under s
 """
 
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -275,3 +277,62 @@ def test_splash_refuses_what_it_cannot_compute(causal_128):
             config.data.seq_len = 192
         with pytest.raises(run_lib.ConfigError, match=needle):
             run_lib.resolve_config(config)
+
+
+# --------------------------------------------------------------------------- cuDNN (GPU only)
+
+@pytest.mark.parametrize("h,g,prefix", [(4, 2, True), (6, 1, False)])
+def test_cudnn_call_is_as_close_to_float32_as_the_manual_path(h, g, prefix):
+    """The cuDNN path's own call (mask with the padding rows seeing themselves, unit scale,
+    grouped heads in [B, L, H, K]) computed by XLA, in bfloat16 (the kernel's compute type):
+    the real rows and dq/dk/dv are as close to the float32 numbers as the manual path's, and
+    the padding rows are finite. The kernel itself needs an NVIDIA GPU."""
+    q, k, v, mask, do, real, _ = _inputs(2, 24, h, g, 16, prefix)
+    exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    errors = {}
+    for name, fn in (("manual", attn.attend),
+                     ("cudnn", lambda *a: attn.attend_cudnn(*a, implementation="xla"))):
+        out, vjp = jax.vjp(lambda *a, fn=fn: fn(*a, mask, jnp.bfloat16), *bf)
+        grads = vjp(do.astype(jnp.bfloat16))
+        assert out.dtype == jnp.bfloat16
+        assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+        errors[name] = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+                        for x, r in zip((jnp.where(real, out, 0), *grads),
+                                        (jnp.where(real, exact[0], 0), *exact[1](do)))]
+    for got, ref in zip(errors["cudnn"], errors["manual"]):
+        assert got <= 1.5 * ref + 2e-3, errors
+        assert got < 3e-2, errors
+
+
+def test_cudnn_refuses_float32_and_a_backend_without_cuda():
+    with pytest.raises(ValueError, match="'cudnn' computes in bfloat16, but dtype='float32'"):
+        small_config(64, attention_impl="cudnn")
+    small_config(64, attention_impl="cudnn", dtype="bfloat16")  # accepted
+    config = default.get_config("size=nano,steps=10,seq_len=32,batch_size=2")
+    config.model.attention_impl, config.model.dtype = "cudnn", "bfloat16"
+    with pytest.raises(run_lib.ConfigError, match="runs on an NVIDIA GPU, but JAX's backend "
+                                                  "here is 'cpu'"):
+        run_lib.resolve_config(config)
+
+
+def test_cudnn_gradient_lowers_for_cuda_to_the_fused_kernels():
+    """The training gradient of a model with attention_impl='cudnn', lowered for CUDA on this
+    host (no GPU needed, but JAX's CUDA plugin and cuDNN: ``pip install 'jax[cuda12]'``):
+    its attention is cuDNN's fused forward and backward kernels, with no [Q, S] softmax left
+    to XLA."""
+    pytest.importorskip("jax_cuda12_plugin", reason="lowering for CUDA needs JAX's CUDA plugin")
+    model = Transformer(small_config(256, max_len=128, attention_impl="cudnn",
+                                     dtype="bfloat16"))
+    tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+    def loss(p, x):
+        return jnp.mean(model.apply(p, x).astype(jnp.float32))
+    text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = set(re.findall(r"__cudnn\$fmha\w+", text))
+    assert {c for c in calls if c.endswith("Backward")} and {
+        c for c in calls if not c.endswith("Backward")}, calls
+    # The softmax over the [Q, S] = [128, 128] scores is inside the kernels, not in XLA.
+    assert not re.search(r"exponential .*x128x128x", text)

@@ -375,7 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loss_impl", default="fused", choices=LOSS_IMPLS,
                         help="the training loss: fused (chunked output projection and "
                         "cross-entropy, the default) or logits (the full logits)")
-    parser.add_argument("--attention_impl", default="manual", choices=ATTENTION_IMPLS,
+    parser.add_argument("--attention_impl", default="manual",
+                        choices=[i for i in ATTENTION_IMPLS if i != "cudnn"],  # a GPU kernel
                         help="the attention core: manual (its own VJP, the default), xla "
                         "(the plain path under autodiff) or splash (the TPU's fused causal "
                         "kernel; seq_len a multiple of 128)")

@@ -18,12 +18,18 @@ the mean of the values, and pass no gradient back. Nothing reads them: the loss 
 blocks above the diagonal are skipped, the [Q, S] scores never reach HBM). It knows no
 bidirectional prefix, so a model using it trains causal objectives only. Elsewhere than on a TPU
 the same kernel runs in Pallas's interpreter (slow; for checking the numbers on a CPU).
+
+``attend_cudnn`` is the same softmax(q kᵀ masked) v by cuDNN's fused flash attention on an
+NVIDIA GPU (``jax.nn.dot_product_attention(implementation="cudnn")``): any mask, the prefix
+included, reaches the kernel as an additive bias, and the scores stay on chip. cuDNN computes in
+bfloat16 (or float16) only and needs JAX's CUDA plugin: on another backend it cannot be traced.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +137,25 @@ def attend_causal_blocks(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
         outs.append(attend(q_BxQxHxK[:, lo:hi], k_BxSxGxK[:, :hi], v_BxSxGxK[:, :hi],
                            mask_BxQxS[:, lo:hi, :hi], dtype))
     return jnp.concatenate(outs, axis=1)
+
+
+CUDNN_DTYPES = ("bfloat16",)  # of the model's compute types (cuDNN: bfloat16, float16)
+
+
+def attend_cudnn(q_BxQxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxQxS: Array,
+                 dtype, implementation: Literal["cudnn", "xla"] = "cudnn") -> Array:
+    """`attend` by cuDNN's fused attention (shapes and mask as there, queries carrying their
+    scale). Padding rows (no visible key) see themselves instead, so the kernel never
+    normalises an empty row; nothing reads them, as in `attend`. ``implementation="xla"``: the
+    same call computed by XLA (what checks it away from a GPU)."""
+    length = q_BxQxHxK.shape[1]
+    own = jnp.eye(length, k_BxSxGxK.shape[1], dtype=bool)[None]
+    empty_BxQ = ~jnp.any(mask_BxQxS, axis=-1)
+    mask_BxQxS = mask_BxQxS | (own & empty_BxQ[:, :, None])
+    out = jax.nn.dot_product_attention(
+        q_BxQxHxK.astype(dtype), k_BxSxGxK.astype(dtype), v_BxSxGxK.astype(dtype),
+        mask=mask_BxQxS[:, None], scale=1.0, implementation=implementation)
+    return out.astype(dtype)
 
 
 # The splash kernel's tile edge: the largest of these dividing the sequence (a multiple of 128).

@@ -27,7 +27,7 @@ from loam.model import attention as attn_lib
 Array = jax.Array
 FLOAT_DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("fused", "logits")
-ATTENTION_IMPLS = ("manual", "xla", "splash", "causal_blocks")
+ATTENTION_IMPLS = ("manual", "xla", "splash", "causal_blocks", "cudnn")
 # Implementations that compute causal attention only (they skip the blocks above the diagonal):
 # the model refuses a prefix with them, the step passes none.
 CAUSAL_ONLY = ("splash", "causal_blocks")
@@ -64,7 +64,8 @@ class ModelConfig:
     # (interpreted elsewhere), causal attention only: the model then refuses a prefix;
     # "causal_blocks": the manual core per block of `attention_block` query rows, over the keys
     # up to the block's end (the score blocks above the diagonal are never computed), causal
-    # attention only too.
+    # attention only too; "cudnn": cuDNN's fused flash attention on an NVIDIA GPU (bfloat16
+    # compute; any mask, the prefix included).
     attention_impl: str = "manual"
     attention_block: int = 128
     # What the backward pass keeps from each layer's forward pass when remat is off: "dots",
@@ -96,6 +97,11 @@ class ModelConfig:
             if getattr(self, field) not in choices:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of "
                                  f"{', '.join(choices)}")
+        if self.attention_impl == "cudnn" and self.dtype not in attn_lib.CUDNN_DTYPES:
+            raise ValueError(f"attention_impl='cudnn' computes in bfloat16, but "
+                             f"dtype={self.dtype!r}: "
+                             "set dtype='bfloat16' (the weights and the loss stay float32), or "
+                             "attention_impl='manual'")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1")
         if self.head_size % 2:
@@ -228,7 +234,9 @@ class Attention(nn.Module):
         elif cfg.attention_impl == "causal_blocks" and kv is None:
             out_BxLxHxK = attn_lib.attend_causal_blocks(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
                                                         mask_BxQxS, dt, cfg.attention_block)
-        elif cfg.attention_impl in ("manual", "splash", "causal_blocks"):  # a cache: plain path
+        elif cfg.attention_impl == "cudnn" and kv is None:
+            out_BxLxHxK = attn_lib.attend_cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS, dt)
+        elif cfg.attention_impl != "xla":  # with a cache: the manual path
             out_BxLxHxK = attn_lib.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxQxS, dt)
         else:
             out_BxLxHxK = attn_lib.attend_reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
