@@ -66,20 +66,26 @@ def test_attend_matches_the_autodiff_path(h, g, prefix):
     assert float(jnp.max(jnp.abs(jnp.where(real, 0, dq)))) == 0.0
 
 
+def _bfloat16_errors(fn, q, k, v, mask, do, real):
+    """``fn`` (an attention core) run in bfloat16: its output and dq/dk/dv, and their errors
+    relative to the float32 plain path's (the output over the real rows only)."""
+    exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
+    out, vjp = jax.vjp(lambda *a: fn(*a, mask, jnp.bfloat16),
+                       *(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    grads = vjp(do.astype(jnp.bfloat16))
+    errors = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+              for x, r in zip((jnp.where(real, out, 0), *grads),
+                              (jnp.where(real, exact[0], 0), *exact[1](do)))]
+    return out, grads, errors
+
+
 def test_attend_in_bfloat16_is_as_close_to_float32_as_the_autodiff_path():
     """bfloat16 rounds the operands; the manual VJP must not add error beyond the plain path's."""
     q, k, v, mask, do, real, _ = _inputs(2, 32, 4, 2, 16, True)
-    exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
-    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    dob = do.astype(jnp.bfloat16)
     errors = {}
     for name, fn in (("reference", attn.attend_reference), ("manual", attn.attend)):
-        out, vjp = jax.vjp(lambda *a, fn=fn: fn(*a, mask, jnp.bfloat16), *bf)
-        grads = vjp(dob)
+        out, grads, errors[name] = _bfloat16_errors(fn, q, k, v, mask, do, real)
         assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-        errors[name] = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
-                        for x, r in zip((jnp.where(real, out, 0), *grads),
-                                        (jnp.where(real, exact[0], 0), *exact[1](do)))]
     for got, ref in zip(errors["manual"], errors["reference"]):
         assert got <= 1.5 * ref + 2e-3, errors
         assert got < 3e-2, errors
@@ -288,18 +294,12 @@ def test_cudnn_call_is_as_close_to_float32_as_the_manual_path(h, g, prefix):
     the real rows and dq/dk/dv are as close to the float32 numbers as the manual path's, and
     the padding rows are finite. The kernel itself needs an NVIDIA GPU."""
     q, k, v, mask, do, real, _ = _inputs(2, 24, h, g, 16, prefix)
-    exact = jax.vjp(lambda *a: attn.attend_reference(*a, mask, jnp.float32), q, k, v)
-    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     errors = {}
     for name, fn in (("manual", attn.attend),
                      ("cudnn", lambda *a: attn.attend_cudnn(*a, implementation="xla"))):
-        out, vjp = jax.vjp(lambda *a, fn=fn: fn(*a, mask, jnp.bfloat16), *bf)
-        grads = vjp(do.astype(jnp.bfloat16))
+        out, _, errors[name] = _bfloat16_errors(fn, q, k, v, mask, do, real)
         assert out.dtype == jnp.bfloat16
         assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-        errors[name] = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
-                        for x, r in zip((jnp.where(real, out, 0), *grads),
-                                        (jnp.where(real, exact[0], 0), *exact[1](do)))]
     for got, ref in zip(errors["cudnn"], errors["manual"]):
         assert got <= 1.5 * ref + 2e-3, errors
         assert got < 3e-2, errors
